@@ -1,0 +1,40 @@
+# patchline — the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= /usr/bin/python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= demo
+CONFIG ?= configs/default.yaml
+IMAGES ?= $(DEMO)/data
+ARTIFACT ?= artifacts/model
+
+.PHONY: demo test export system-deps venv clean
+
+# Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
+system-deps:
+	@command -v mosquitto >/dev/null && $(PYTHON) -c "import gi; gi.require_version('Gst', '1.0')" 2>/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients \
+	      python3-venv python3-gi python3-gst-1.0 gstreamer1.0-tools gstreamer1.0-plugins-base \
+	      gstreamer1.0-plugins-good gstreamer1.0-libav >/dev/null)
+
+# --system-site-packages: GStreamer's Python bindings come from Debian, not PyPI.
+$(BIN)/patchline: pyproject.toml constraints.txt
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[export,calibration,dev]'
+	touch $@
+
+venv: system-deps $(BIN)/patchline
+
+demo: venv
+	$(BIN)/patchline sample-data $(DEMO)/data
+	$(BIN)/patchline export --config configs/demo.yaml --images $(DEMO)/data --out $(DEMO)/artifact
+	$(BIN)/patchline eval --artifact $(DEMO)/artifact --data $(DEMO)/data
+
+export: venv
+	$(BIN)/patchline export --config $(CONFIG) --images $(IMAGES) --out $(ARTIFACT)
+
+# pytest exits 5 when it collects no test: not a failure of the code under test.
+test: venv
+	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+clean:
+	rm -rf $(DEMO) artifacts .pytest_cache

@@ -1,0 +1,1 @@
+"""Calibration and evaluation: thresholds, normalised scores, metrics and reports."""

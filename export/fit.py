@@ -1,0 +1,149 @@
+"""Fit PatchCore on a folder of good images and write the artifact.
+
+images → patch embeddings (torch) → coreset → memory bank; module → ONNX → verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from patchline.export.coreset import greedy_coreset
+from patchline.export.embedding import build_embedding
+from patchline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, verify_onnx
+from patchline.runtime.artifact import (
+    BANK_FILE,
+    MODEL_FILE,
+    SCHEMA_VERSION,
+    BackboneInfo,
+    BankInfo,
+    Manifest,
+    ModelInfo,
+    PreprocessInfo,
+    TrainingInfo,
+    now_iso,
+    write_manifest,
+)
+from patchline.runtime.config import Config
+from patchline.runtime.preprocess import ImageError, Preprocessor, list_images, read_image
+
+log = logging.getLogger("patchline.export")
+
+
+def load_good_images(folder: str | Path) -> tuple[list[np.ndarray], list[str]]:
+    """Readable images of the folder (or an MVTec category's train/good), and 'path: reason' for each one skipped."""
+    root = Path(folder)
+    if (root / "train" / "good").is_dir():  # an MVTec-AD category folder
+        root = root / "train" / "good"
+    images, skipped = [], []
+    for path in list_images(root):
+        try:
+            images.append(read_image(path))
+        except ImageError as exc:
+            skipped.append(str(exc))
+            log.warning("skipped %s", exc)
+    return images, skipped
+
+
+def embed_images(
+    module: torch.nn.Module, preprocess: Preprocessor, images: list[np.ndarray], batch_size: int, progress: bool = True
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """All patch embeddings of ``images`` as rows (N·h·w, D), and the patch grid (h, w)."""
+    rows: np.ndarray | None = None
+    grid = (0, 0)
+    with torch.inference_mode(), tqdm(total=len(images), desc="embedding", unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            out = module(torch.from_numpy(preprocess(chunk))).numpy()
+            n, h, w, d = out.shape
+            if rows is None:  # preallocate once the grid is known: no list of copies
+                grid = (h, w)
+                rows = np.empty((len(images) * h * w, d), np.float32)
+            rows[start * h * w : (start + n) * h * w] = out.reshape(-1, d)
+            bar.update(n)
+    assert rows is not None
+    return rows, grid
+
+
+def _tool_versions() -> dict[str, str]:
+    names = ("torch", "timm", "onnx", "onnxruntime", "numpy", "opencv-python-headless", "patchline")
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except Exception:
+            found[name] = "not installed"
+    found["python"] = platform.python_version()
+    return found
+
+
+def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path, progress: bool = True) -> Manifest:
+    """Fit on the good images in ``images_dir`` and write a verified artifact to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images, skipped = load_good_images(images_dir)
+    if not images:
+        raise ValueError(f"{images_dir}: no usable images ({len(skipped)} skipped)")
+    log.info("%d images used, %d skipped", len(images), len(skipped))
+
+    pre = config.preprocess
+    preprocess = Preprocessor(pre.image_size, pre.resize, pre.mean, pre.std)
+    module, weights_source = build_embedding(config.model.backbone, config.model.layers, config.model.weights, config.model.seed)
+
+    t0 = time.perf_counter()
+    rows, grid = embed_images(module, preprocess, images, config.export.batch_size, progress)
+    t1 = time.perf_counter()
+    log.info("embedded %d images into %d rows × %d dims in %.1f s", len(images), *rows.shape, t1 - t0)
+    selected = greedy_coreset(rows, config.coreset.ratio, config.coreset.projection_dim, config.coreset.seed, progress)
+    bank = np.ascontiguousarray(rows[np.sort(selected)])
+    t2 = time.perf_counter()
+    log.info("coreset: %d of %d rows in %.1f s", bank.shape[0], rows.shape[0], t2 - t1)
+    np.save(out / BANK_FILE, bank)
+
+    export_onnx(module, pre.image_size, out / MODEL_FILE, config.export.opset)
+    diff = verify_onnx(module, out / MODEL_FILE, pre.image_size, config.export.tolerance)
+    log.info("ONNX Runtime vs torch: max abs diff %.3g", diff)
+
+    model_id = hashlib.sha256(bank.tobytes()).hexdigest()[:12]
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model_id=f"{config.model.backbone}-{model_id}",
+        created=now_iso(),
+        backbone=BackboneInfo(name=config.model.backbone, layers=list(config.model.layers), weights=weights_source),
+        preprocess=PreprocessInfo(
+            image_size=pre.image_size, resize=pre.resize, mean=pre.mean, std=pre.std, input_name=INPUT_NAME
+        ),
+        model=ModelInfo(
+            file=MODEL_FILE,
+            output_name=OUTPUT_NAME,
+            embedding_dim=int(bank.shape[1]),
+            patch_grid=grid,
+            opset=config.export.opset,
+            onnx_max_abs_diff=diff,
+        ),
+        memory_bank=BankInfo(
+            file=BANK_FILE,
+            shape=bank.shape,
+            dtype=str(bank.dtype),
+            coreset_ratio=config.coreset.ratio,
+            source_rows=int(rows.shape[0]),
+        ),
+        num_neighbors=config.scoring.num_neighbors,
+        training=TrainingInfo(
+            images_used=len(images),
+            images_skipped=len(skipped),
+            skipped=skipped,
+            timings_s={"embedding": round(t1 - t0, 3), "coreset": round(t2 - t1, 3)},
+        ),
+        tool_versions=_tool_versions(),
+        sha256={},
+    )
+    return write_manifest(out, manifest)

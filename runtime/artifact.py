@@ -1,0 +1,203 @@
+"""The exported artifact: the one contract between export, calibration and runtime.
+
+An artifact is a folder::
+
+    model.onnx        backbone + patch aggregation; input (N, 3, H, W) float32, output (N, h, w, D)
+    memory_bank.npy   float32 (rows, D)
+    manifest.json     this module's Manifest: what produced the files, their sha256, and how to score
+
+Loading checks the schema version, every file's checksum and that the shapes agree,
+and refuses with an ArtifactError naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from patchline.runtime.preprocess import Preprocessor
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+BANK_FILE = "memory_bank.npy"
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be used; the message names the folder and the problem."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneInfo(Strict):
+    name: str
+    layers: list[str]
+    weights: str  # "pretrained", "random (seed N)" or the weights file name + its sha256
+
+
+class PreprocessInfo(Strict):
+    image_size: tuple[int, int]
+    resize: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_name: str
+    input_layout: str = "NCHW float32, RGB, (pixel/255 - mean) / std"
+
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(self.image_size, self.resize, self.mean, self.std)
+
+
+class ModelInfo(Strict):
+    file: str
+    output_name: str
+    embedding_dim: int
+    patch_grid: tuple[int, int]
+    opset: int
+    onnx_max_abs_diff: float
+
+
+class BankInfo(Strict):
+    file: str
+    shape: tuple[int, int]
+    dtype: str
+    coreset_ratio: float
+    source_rows: int
+
+
+class TrainingInfo(Strict):
+    images_used: int
+    images_skipped: int
+    skipped: list[str]
+    timings_s: dict[str, float] = {}
+
+
+class Manifest(Strict):
+    schema_version: int
+    model_id: str
+    created: str
+    backbone: BackboneInfo
+    preprocess: PreprocessInfo
+    model: ModelInfo
+    memory_bank: BankInfo
+    num_neighbors: int
+    training: TrainingInfo
+    tool_versions: dict[str, str]
+    sha256: dict[str, str]
+    calibration: dict[str, Any] | None = None
+    extra_files: dict[str, str] = {}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
+    """Recompute the sha256 of every file the manifest names and write it.
+
+    Calibration calls this again after adding its fields, so checksums always match.
+    """
+    files = [manifest.model.file, manifest.memory_bank.file, *manifest.extra_files.values()]
+    sums = {name: sha256_file(folder / name) for name in files}
+    manifest = manifest.model_copy(update={"sha256": sums})
+    (folder / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return manifest
+
+
+class Artifact:
+    """A validated artifact folder: manifest plus the memory bank in memory."""
+
+    def __init__(self, folder: Path, manifest: Manifest, bank: np.ndarray) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.bank = bank
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / self.manifest.model.file
+
+    @property
+    def checksum(self) -> str:
+        """The model's identity in verdicts: sha256 of the ONNX file and the bank together."""
+        digest = hashlib.sha256()
+        for name in sorted(self.manifest.sha256):
+            digest.update(self.manifest.sha256[name].encode())
+        return digest.hexdigest()
+
+    def file(self, name: str) -> Path:
+        return self.folder / name
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: artifact folder does not exist")
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: missing {MANIFEST}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: unknown schema_version {version!r}; this patchline reads version {SCHEMA_VERSION}"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ArtifactError(f"{path}: invalid manifest: {problems}") from None
+
+
+def load_artifact(folder: str | Path) -> Artifact:
+    """Read and validate an artifact folder; raise ArtifactError naming what is wrong."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    named = {manifest.model.file, manifest.memory_bank.file, *manifest.extra_files.values()}
+    for name in sorted(named):
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: missing file {name} named in the manifest")
+        expected = manifest.sha256.get(name)
+        if expected is None:
+            raise ArtifactError(f"{folder}: manifest has no sha256 for {name}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"{path}: checksum mismatch (manifest {expected[:12]}…, file {actual[:12]}…); "
+                "the file was changed or corrupted after export"
+            )
+    try:
+        bank = np.load(folder / manifest.memory_bank.file, allow_pickle=False)
+    except ValueError as exc:
+        raise ArtifactError(f"{folder / manifest.memory_bank.file}: not a numpy array file ({exc})") from None
+    info = manifest.memory_bank
+    if tuple(bank.shape) != tuple(info.shape) or str(bank.dtype) != info.dtype:
+        raise ArtifactError(
+            f"{folder / info.file}: holds {bank.dtype}{list(bank.shape)}, manifest says {info.dtype}{list(info.shape)}"
+        )
+    if bank.ndim != 2 or bank.shape[1] != manifest.model.embedding_dim:
+        raise ArtifactError(
+            f"{folder}: memory bank rows have {bank.shape[-1]} dims but the model's embedding_dim is "
+            f"{manifest.model.embedding_dim}"
+        )
+    if manifest.num_neighbors < 1:
+        raise ArtifactError(f"{folder}: num_neighbors must be ≥ 1, got {manifest.num_neighbors}")
+    return Artifact(folder, manifest, bank)

@@ -1,0 +1,166 @@
+"""The ``patchline`` command: one entry point, a subcommand per job.
+
+Build-time subcommands (export, eval, sample-data) import torch/scikit-learn lazily so
+the edge install (``pip install patchline``) can still run ``score`` and ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from patchline.runtime.artifact import ArtifactError
+from patchline.runtime.config import ConfigError
+from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, list_images
+
+log = logging.getLogger("patchline")
+
+
+def _missing_extra(exc: ModuleNotFoundError, extra: str) -> SystemExit:
+    return SystemExit(f"patchline: this command needs the '{extra}' extra ({exc.name} is not installed): "
+                      f"pip install 'patchline[{extra}]'")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from patchline.runtime.config import load_config
+
+    config = load_config(args.config, args.set)
+    try:
+        from patchline.export.fit import export_artifact
+    except ModuleNotFoundError as exc:
+        raise _missing_extra(exc, "export") from exc
+    manifest = export_artifact(config, args.images, args.out, progress=not args.quiet)
+    print(json.dumps({
+        "artifact": str(args.out),
+        "model_id": manifest.model_id,
+        "bank": list(manifest.memory_bank.shape),
+        "images_used": manifest.training.images_used,
+        "images_skipped": manifest.training.images_skipped,
+        "timings_s": manifest.training.timings_s,
+        "onnx_max_abs_diff": manifest.model.onnx_max_abs_diff,
+    }))
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(list_images(path))
+        elif path.suffix.lower() in IMAGE_SUFFIXES or path.exists():
+            found.append(path)
+        else:
+            raise SystemExit(f"patchline: {path}: no such image or folder")
+    return found
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from patchline.runtime.inspector import Inspector
+    from patchline.runtime.overlay import heatmap_overlay, write_rgb
+    from patchline.runtime.preprocess import read_image
+
+    inspector = Inspector(args.artifact, device=args.device, threads=args.threads)
+    inspector.warm_up()
+    failures = 0
+    for path in _expand(args.images):
+        try:
+            rgb = read_image(path)
+        except ImageError as exc:
+            failures += 1
+            print(json.dumps({"path": str(path), "error": exc.reason}), flush=True)
+            continue
+        result = inspector.inspect(rgb)
+        line = {
+            "path": str(path),
+            "score": round(result.score, 6),
+            "max_patch_xy": list(result.location),
+            "latency_ms": result.timings_ms,
+        }
+        if args.heatmap_dir:
+            out = Path(args.heatmap_dir) / f"{path.stem}_heatmap.png"
+            write_rgb(out, heatmap_overlay(rgb, result.anomaly_map))
+            line["heatmap"] = str(out)
+        print(json.dumps(line), flush=True)
+    if failures:
+        sys.exit(1)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    try:
+        import numpy as np
+
+        from patchline.calibration.evaluate import image_auroc, score_test_set
+    except ModuleNotFoundError as exc:
+        raise _missing_extra(exc, "calibration") from exc
+    from patchline.runtime.inspector import Inspector
+
+    inspector = Inspector(args.artifact, device=args.device, threads=args.threads)
+    scored = score_test_set(inspector, args.data)
+    print(f"{'image':<40} {'class':<15} {'score':>9} {'ms':>8}")
+    for item in scored:
+        name = str(item.path.relative_to(Path(args.data)))
+        print(f"{name:<40} {item.defect:<15} {item.inspection.score:9.4f} {item.inspection.timings_ms['total']:8.1f}")
+    labels = np.array([s.label for s in scored])
+    scores = np.array([s.inspection.score for s in scored])
+    print(f"image AUROC: {image_auroc(labels, scores):.4f}  ({labels.sum()} defective, {(labels == 0).sum()} good)")
+
+
+def cmd_sample_data(args: argparse.Namespace) -> None:
+    from patchline.export.synthetic import generate
+
+    root = generate(args.out, args.train, args.test_good, args.per_defect, args.size, args.seed)
+    print(f"sample data written to {root}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchline", description="PatchCore visual inspection for production lines")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="fit PatchCore on good images and write an artifact")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--images", type=Path, required=True, help="folder of good images or an MVTec category")
+    p.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.backbone=resnet18 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_export)
+
+    for name, func, help_text in (("score", cmd_score, "score images with an artifact (JSON line per image)"),
+                                  ("eval", cmd_eval, "score an MVTec-layout test set and report AUROC")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--artifact", type=Path, required=True)
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+        p.set_defaults(func=func)
+        if name == "score":
+            p.add_argument("images", type=Path, nargs="+", help="image files or folders")
+            p.add_argument("--heatmap-dir", type=Path, help="write a heatmap overlay PNG per image here")
+        else:
+            p.add_argument("--data", type=Path, required=True, help="MVTec-AD category folder")
+
+    p = sub.add_parser("sample-data", help="generate the synthetic demo data set (MVTec layout)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--train", type=int, default=40)
+    p.add_argument("--test-good", type=int, default=10)
+    p.add_argument("--per-defect", type=int, default=6)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except (ConfigError, ArtifactError, ImageError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"patchline: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""YAML configuration, validated by pydantic.
+
+Every section forbids unknown keys so that a typo in a line's config refuses to
+start instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    backbone: str = "wide_resnet50_2"
+    layers: list[str] = Field(default_factory=lambda: ["layer2", "layer3"], min_length=1)
+    # "pretrained" (timm download), "random" (seeded init, for tests and the offline demo),
+    # or a path to a .safetensors / .pth state dict.
+    weights: str = "pretrained"
+    seed: int = 0
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_kind(cls, value: str) -> str:
+        if value in ("pretrained", "random") or value.endswith((".safetensors", ".pth", ".pt")):
+            return value
+        raise ValueError("must be 'pretrained', 'random' or a path ending in .safetensors, .pth or .pt")
+
+
+class PreprocessConfig(Section):
+    image_size: tuple[int, int] = (256, 256)
+    resize: Literal["area", "bilinear"] = "area"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) else value
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 32:
+            raise ValueError("each side must be at least 32 pixels")
+        return value
+
+
+class CoresetConfig(Section):
+    ratio: float = Field(0.1, gt=0.0, le=1.0)
+    projection_dim: int = Field(128, ge=0, description="0 disables the random projection")
+    seed: int = 0
+
+
+class ScoringConfig(Section):
+    num_neighbors: int = Field(9, ge=1)
+
+
+class ExportConfig(Section):
+    batch_size: int = Field(8, ge=1)
+    opset: int = Field(17, ge=17)
+    # Largest ONNX-vs-torch difference accepted, relative to the embedding's largest magnitude.
+    tolerance: float = Field(1e-4, gt=0.0)
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    coreset: CoresetConfig = CoresetConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    export: ExportConfig = ExportConfig()
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r}: expected KEY=VALUE, e.g. model.backbone=resnet18")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), model: type[Config] = Config) -> Config:
+    """Read a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None

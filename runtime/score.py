@@ -1,0 +1,61 @@
+"""PatchCore scoring on patch embeddings: nearest-neighbour patch scores, the paper's
+k-neighbour reweighting of the image score, and the blurred anomaly map.
+
+Formulas follow anomalib's PatchcoreModel (see tests/reference.py for the torch twin).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from patchline.runtime.distance import euclidean_dist, nearest, squared_norms
+
+MAP_SIGMA = 4.0
+MAP_KERNEL = 2 * int(4.0 * MAP_SIGMA + 0.5) + 1  # 33, as anomalib's AnomalyMapGenerator
+
+
+class MemoryBank:
+    """The bank rows with their squared norms, computed once at load."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = np.ascontiguousarray(rows, dtype=np.float32)
+        self.sq_norms = squared_norms(self.rows)
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def nearest(self, x: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        return nearest(x, self.rows, k, self.sq_norms)
+
+
+def reweight(
+    bank: MemoryBank, patch: np.ndarray, patch_score: float, nn_index: int, num_neighbors: int
+) -> float:
+    """The paper's image score: s* scaled by 1 − softmax(distances from the patch to m*'s k nearest rows)[0]."""
+    if num_neighbors == 1:
+        return patch_score
+    k = min(num_neighbors, len(bank))
+    _, support = bank.nearest(bank.rows[nn_index : nn_index + 1], k)
+    d = euclidean_dist(patch[None, :], bank.rows[support[0]], y_sq=bank.sq_norms[support[0]])[0].astype(np.float64)
+    softmax = np.exp(d - d.max())
+    softmax /= softmax.sum()
+    return float((1.0 - softmax[0]) * patch_score)
+
+
+def image_score(bank: MemoryBank, patches: np.ndarray, dist: np.ndarray, idx: np.ndarray, num_neighbors: int) -> tuple[float, int]:
+    """Image score and the index of the highest-scoring patch, from each patch's nearest distance/row."""
+    top = int(np.argmax(dist))
+    return reweight(bank, patches[top], float(dist[top]), int(idx[top]), num_neighbors), top
+
+
+def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Patch scores nearest-upsampled to ``size`` (H, W), then Gaussian-blurred with σ=4."""
+    h, w = patch_scores.shape
+    height, width = size
+    # torch's 'nearest' picks floor(dst · in/out); index arrays reproduce it exactly for any ratio.
+    rows = np.minimum((np.arange(height) * (h / height)).astype(np.int64), h - 1)
+    cols = np.minimum((np.arange(width) * (w / width)).astype(np.int64), w - 1)
+    upsampled = np.ascontiguousarray(patch_scores[np.ix_(rows, cols)], dtype=np.float32)
+    # torch's 'reflect' padding does not repeat the edge pixel: OpenCV's BORDER_REFLECT_101.
+    return cv2.GaussianBlur(upsampled, (MAP_KERNEL, MAP_KERNEL), MAP_SIGMA, MAP_SIGMA, cv2.BORDER_REFLECT_101)
