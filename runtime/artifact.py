@@ -16,11 +16,10 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from patchline.runtime.decision import Calibration
 from patchline.runtime.preprocess import Preprocessor
 
 SCHEMA_VERSION = 1
@@ -91,7 +90,7 @@ class Manifest(Strict):
     training: TrainingInfo
     tool_versions: dict[str, str]
     sha256: dict[str, str]
-    calibration: dict[str, Any] | None = None
+    calibration: Calibration | None = None
     extra_files: dict[str, str] = {}
 
 
