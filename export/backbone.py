@@ -6,6 +6,7 @@ random init (tests and the offline demo).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -18,17 +19,22 @@ class BackboneError(ValueError):
     """A backbone, layer or weights file that cannot be used."""
 
 
+def feature_layers(name: str) -> list[str]:
+    """The layers timm's ``features_only`` mode offers for ``name`` (built on the meta device: no init, no memory)."""
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, features_only=True).feature_info.module_name()
+
+
 def layer_indices(name: str, layers: list[str]) -> list[int]:
     """timm ``out_indices`` for the named layers, or an error listing the layers that exist."""
-    probe = timm.create_model(name, pretrained=False, features_only=True)
-    names = probe.feature_info.module_name()
+    names = feature_layers(name)
     missing = [layer for layer in layers if layer not in names]
     if missing:
         raise BackboneError(f"backbone {name!r} has no feature layer(s) {missing}; extractable layers: {names}")
     return [names.index(layer) for layer in layers]
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -44,12 +50,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a full-model state dict into a features-only model.
+    load_state(model, read_state_dict(path), f"weights file {path}")
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load a full-model state dict into a (possibly truncated) model; ``origin`` names it in errors.
 
     Keys of layers the feature model dropped (fc, layer4 …) are ignored; a key missing
     for a used layer, an unknown key inside a used layer, or a shape mismatch is an error.
     """
-    state = _read_state_dict(path)
     own = model.state_dict()
     used_prefixes = {key.split(".")[0] for key in own}
     missing = sorted(set(own) - set(state))
@@ -60,30 +69,41 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
         if keys:
             problems.append(f"{len(keys)} {label} key(s), e.g. {keys[:3]}")
     if problems:
-        raise BackboneError(f"weights file {path} does not fit the used layers: " + "; ".join(problems))
+        raise BackboneError(f"{origin} does not fit the used layers: " + "; ".join(problems))
     model.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 def create_backbone(name: str, layers: list[str], weights: str, seed: int = 0) -> tuple[torch.nn.Module, str]:
     """A timm features-only model returning ``layers`` (in timm order) and a description of its weights."""
     indices = layer_indices(name, layers)
-    kwargs = dict(features_only=True, out_indices=sorted(indices), exportable=True)
+    model, source = build_with_weights(
+        lambda pretrained: timm.create_model(
+            name, pretrained=pretrained, features_only=True, out_indices=sorted(indices), exportable=True
+        ),
+        name,
+        weights,
+        seed,
+    )
+    return model.eval(), source
+
+
+def build_with_weights(
+    build: Callable[[bool], torch.nn.Module], name: str, weights: str, seed: int, hub: str = "timm"
+) -> tuple[torch.nn.Module, str]:
+    """``build(pretrained)`` with the weights a config names, and a description of them for the manifest."""
     if weights == "pretrained":
         try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
+            model = build(True)
         except Exception as exc:  # network, hub and cache errors all mean the same to the user
             raise BackboneError(
-                f"could not load timm's pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
+                f"could not load {hub}'s pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
                 "Offline? Put the weights in a local file and set model.weights: /path/to/weights.safetensors"
             ) from exc
-        source = "pretrained (timm)"
-    else:
-        torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        if weights == "random":
-            source = f"random (seed {seed})"
-        else:
-            path = Path(weights)
-            _load_weights(model, path)
-            source = f"{path.name} sha256:{sha256_file(path)}"
-    return model.eval(), source
+        return model, f"pretrained ({hub})"
+    torch.manual_seed(seed)
+    model = build(False)
+    if weights == "random":
+        return model, f"random (seed {seed})"
+    path = Path(weights)
+    _load_weights(model, path)
+    return model, f"{path.name} sha256:{sha256_file(path)}"

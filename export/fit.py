@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from patchline.export.coreset import greedy_coreset
-from patchline.export.embedding import build_embedding
+from patchline.export.embedding import backbone_label, build_from_config
 from patchline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, verify_onnx
 from patchline.runtime.artifact import (
     BANK_FILE,
@@ -96,7 +96,7 @@ def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path,
 
     pre = config.preprocess
     preprocess = Preprocessor(pre.image_size, pre.resize, pre.mean, pre.std)
-    module, weights_source = build_embedding(config.model.backbone, config.model.layers, config.model.weights, config.model.seed)
+    module, weights_source = build_from_config(config.model, pre.image_size)
 
     t0 = time.perf_counter()
     rows, grid = embed_images(module, preprocess, images, config.export.batch_size, progress)
@@ -113,11 +113,18 @@ def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path,
     log.info("ONNX Runtime vs torch: max abs diff %.3g", diff)
 
     model_id = hashlib.sha256(bank.tobytes()).hexdigest()[:12]
+    pretrain_dim, target_dim = config.model.embed_dimensions() or (None, None)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
-        model_id=f"{config.model.backbone}-{model_id}",
+        model_id=f"{backbone_label(config.model)}-{model_id}",
         created=now_iso(),
-        backbone=BackboneInfo(name=config.model.backbone, layers=list(config.model.layers), weights=weights_source),
+        backbone=BackboneInfo(
+            name=backbone_label(config.model),
+            layers=list(config.model.layers),
+            weights=weights_source,
+            pretrain_embed_dimension=pretrain_dim,
+            target_embed_dimension=target_dim,
+        ),
         preprocess=PreprocessInfo(
             image_size=pre.image_size, resize=pre.resize, mean=pre.mean, std=pre.std, input_name=INPUT_NAME
         ),

@@ -37,9 +37,12 @@ class Strict(BaseModel):
 
 
 class BackboneInfo(Strict):
-    name: str
+    name: str  # an ensemble's backbones joined by "+"
     layers: list[str]
     weights: str  # "pretrained", "random (seed N)" or the weights file name + its sha256
+    # The original PatchCore's mean-mapping; None: anomalib's embedding (pooled layers concatenated).
+    pretrain_embed_dimension: int | None = None
+    target_embed_dimension: int | None = None
 
 
 class PreprocessInfo(Strict):

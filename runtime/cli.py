@@ -114,6 +114,29 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
     print(f"sample data written to {root}")
 
 
+def cmd_backbones(args: argparse.Namespace) -> None:
+    try:
+        from patchline.export.catalogue import CATALOGUE, extractable_layers, parameter_count
+    except ModuleNotFoundError as exc:
+        raise _missing_extra(exc, "export") from exc
+    if args.name:
+        size = (args.image_size, args.image_size)
+        layers = extractable_layers(args.name, size)
+        print(f"{args.name} at {size[0]}x{size[1]}: layers (any deeper module path works too)")
+        print(f"{'layer':<28} {'channels':>8} {'grid':>9}  output")
+        for name, layout in layers.items():
+            print(f"{name:<28} {layout.channels:>8} {layout.grid[0]:>4}x{layout.grid[1]:<4}  {layout.kind}")
+        return
+    print(f"{'name':<20} {'source':<12} {'model':<50} {'default layers':<42} {'params':>8}")
+    for entry in CATALOGUE.values():
+        if not entry.supported:
+            print(f"{entry.name:<20} {'unsupported':<12} {entry.note}")
+            continue
+        params = f"{parameter_count(entry) / 1e6:.1f}M"
+        print(f"{entry.name:<20} {entry.source:<12} {entry.model:<50} {', '.join(entry.layers):<42} {params:>8}"
+              + (f"  ({entry.note})" if entry.note else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchline", description="PatchCore visual inspection for production lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -149,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample_data)
+
+    p = sub.add_parser("backbones", help="list PatchCore's backbone catalogue, or one backbone's layers")
+    p.add_argument("name", nargs="?", help="a catalogue or timm name: list its extractable layers")
+    p.add_argument("--layers", action="store_true", help="list NAME's layers (the default when NAME is given)")
+    p.add_argument("--image-size", type=int, default=224, help="input size for the layers' grids (default 224)")
+    p.set_defaults(func=cmd_backbones)
     return parser
 
 
