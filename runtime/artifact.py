@@ -52,9 +52,10 @@ class PreprocessInfo(Strict):
     std: tuple[float, float, float]
     input_name: str
     input_layout: str = "NCHW float32, RGB, (pixel/255 - mean) / std"
+    center_crop: tuple[int, int] | None = None  # cut from the resized image before the network (anomalib imports)
 
     def preprocessor(self) -> Preprocessor:
-        return Preprocessor(self.image_size, self.resize, self.mean, self.std)
+        return Preprocessor(self.image_size, self.resize, self.mean, self.std, self.center_crop)
 
 
 class ModelInfo(Strict):

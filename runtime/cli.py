@@ -137,6 +137,23 @@ def cmd_backbones(args: argparse.Namespace) -> None:
               + (f"  ({entry.note})" if entry.note else ""))
 
 
+def cmd_import_anomalib(args: argparse.Namespace) -> None:
+    try:
+        from patchline.export.anomalib_import import import_anomalib
+    except ModuleNotFoundError as exc:
+        raise _missing_extra(exc, "export") from exc
+    manifest = import_anomalib(args.checkpoint, args.out, args.opset)
+    print(json.dumps({
+        "artifact": str(args.out),
+        "model_id": manifest.model_id,
+        "backbone": manifest.backbone.name,
+        "layers": manifest.backbone.layers,
+        "bank": list(manifest.memory_bank.shape),
+        "calibrated": manifest.calibration is not None,
+        "onnx_max_abs_diff": manifest.model.onnx_max_abs_diff,
+    }))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchline", description="PatchCore visual inspection for production lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -178,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true", help="list NAME's layers (the default when NAME is given)")
     p.add_argument("--image-size", type=int, default=224, help="input size for the layers' grids (default 224)")
     p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("import-anomalib", help="turn an anomalib PatchCore checkpoint into an artifact")
+    p.add_argument("checkpoint", type=Path, help="Lightning .ckpt or anomalib's exported torch .pt")
+    p.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_import_anomalib)
     return parser
 
 

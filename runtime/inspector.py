@@ -18,7 +18,7 @@ class Inspection:
     """The result for one image."""
 
     score: float
-    anomaly_map: np.ndarray  # (H, W) at the model's input size
+    anomaly_map: np.ndarray  # (H, W) at the preprocessor's resize size
     location: tuple[int, int]  # (x, y) of the highest patch's centre, in the source image's pixels
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -52,11 +52,20 @@ class Inspector:
         t3 = clock()
         dist, idx = dist[:, 0], idx[:, 0]
         score, top = image_score(self.bank, patches, dist, idx, self.num_neighbors)
-        amap = anomaly_map(dist.reshape(h, w), self.preprocess.image_size)
+        crop_top, crop_left, in_h, in_w = self.preprocess.crop_box()
+        amap = anomaly_map(dist.reshape(h, w), (in_h, in_w))
+        if (in_h, in_w) != self.preprocess.image_size:  # a centre crop: the margin was not inspected (0)
+            full = np.zeros(self.preprocess.image_size, np.float32)
+            full[crop_top : crop_top + in_h, crop_left : crop_left + in_w] = amap
+            amap = full
         t4 = clock()
         row, col = divmod(top, w)
         src_h, src_w = rgb.shape[:2]
-        location = (int((col + 0.5) * src_w / w), int((row + 0.5) * src_h / h))
+        size_h, size_w = self.preprocess.image_size
+        location = (
+            int((crop_left + (col + 0.5) * in_w / w) * src_w / size_w),
+            int((crop_top + (row + 0.5) * in_h / h) * src_h / size_h),
+        )
         timings = {"preprocess": t1 - t0, "backbone": t2 - t1, "distance": t3 - t2, "score": t4 - t3}
         timings = {k: round(v * 1000.0, 3) for k, v in timings.items()}
         timings["total"] = round((t4 - t0) * 1000.0, 3)

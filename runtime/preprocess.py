@@ -71,16 +71,24 @@ def read_image(path: str | Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Resize + ImageNet normalisation to an NCHW float32 tensor, as recorded in the manifest."""
+    """Resize (+ optional centre crop) + ImageNet normalisation to an NCHW float32 tensor, as recorded in the manifest."""
 
     image_size: tuple[int, int]  # (height, width)
     resize: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    center_crop: tuple[int, int] | None = None  # (height, width) cut from the resized image, as anomalib's CenterCrop
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_METHODS:
             raise ValueError(f"unknown resize method {self.resize!r}; known: {sorted(RESIZE_METHODS)}")
+        if self.center_crop and not all(0 < c <= s for c, s in zip(self.center_crop, self.image_size)):
+            raise ValueError(f"centre crop {self.center_crop} does not fit in the resized image {self.image_size}")
+
+    def crop_box(self) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the network input within the resized image; offsets as torchvision rounds them."""
+        height, width = self.center_crop or self.image_size
+        return round((self.image_size[0] - height) / 2), round((self.image_size[1] - width) / 2), height, width
 
     def resize_image(self, rgb: np.ndarray) -> np.ndarray:
         height, width = self.image_size
@@ -91,6 +99,8 @@ class Preprocessor:
         scale = np.float32(1.0 / 255.0)
         mean = np.asarray(self.mean, np.float32)
         std = np.asarray(self.std, np.float32)
-        batch = np.stack([self.resize_image(img) for img in images]).astype(np.float32)
+        top, left, height, width = self.crop_box()
+        batch = np.stack([self.resize_image(img)[top : top + height, left : left + width] for img in images])
+        batch = batch.astype(np.float32)
         batch = (batch * scale - mean) / std
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
