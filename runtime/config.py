@@ -102,7 +102,7 @@ class ModelConfig(Section):
 
 class PreprocessConfig(Section):
     image_size: tuple[int, int] = (256, 256)
-    resize: Literal["area", "bilinear"] = "area"
+    resize: Literal["area", "bilinear", "antialias"] = "area"  # antialias: torchvision's Resize (anomalib's)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -13,7 +13,8 @@ import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-RESIZE_METHODS = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR}
+# OpenCV filters on 8-bit pixels, or "antialias": torchvision's Resize(antialias=True) on floats (below).
+RESIZE_METHODS = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "antialias": None}
 
 
 class ImageError(ValueError):
@@ -69,6 +70,54 @@ def read_image(path: str | Path) -> np.ndarray:
     return to_rgb8(image, path)
 
 
+def _antialias_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights (size_out, taps) of torch's antialiased bilinear (PIL's triangle filter).
+
+    A port of ATen's _compute_indices_min_size_weights_aa for float32 input: downscaling widens the
+    filter to the scale, and each output pixel's window is clipped to the image and renormalised.
+    ATen mixes float32 and float64 arithmetic; the casts below repeat its promotions one by one,
+    since float64 throughout moves weights by up to 1e-5 (0.003 on 0..255 pixels).
+    """
+    f32, f64 = np.float32, np.float64
+    scale = f32(size_in) / f32(size_out)
+    support, inverse = (scale, f32(1.0 / f64(scale))) if scale >= 1.0 else (f32(1.0), f32(1.0))
+    centers = (f64(scale) * (np.arange(size_out) + 0.5)).astype(f32)
+    first = np.maximum(((centers - support).astype(f64) + 0.5).astype(np.int64), 0)
+    last = np.minimum(((centers + support).astype(f64) + 0.5).astype(np.int64), size_in)
+    max_taps = int(np.ceil(support)) * 2 + 1
+    count = np.clip(last - first, 0, max_taps)
+    taps = np.arange(int(count.max()))
+    offsets = ((first[:, None] + taps).astype(f32) - centers[:, None]).astype(f64) + 0.5
+    distance = np.abs((offsets * f64(inverse)).astype(f32))
+    weights = np.where(distance < 1.0, 1.0 - distance, 0.0).astype(f32)
+    weights[taps >= count[:, None]] = 0.0
+    total = np.zeros(size_out, f32)
+    for tap in taps:  # summed in order, in float32, as ATen does
+        total += weights[:, tap]
+    weights = np.divide(weights, total[:, None], out=weights, where=total[:, None] != 0)
+    return np.minimum(first[:, None] + taps, size_in - 1), weights
+
+
+def antialias_resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) → float32 (height, width, C), as torch.nn.functional.interpolate(bilinear, antialias=True)
+    on the image as float32.
+
+    Separable like ATen: the width first, then the height, each a float32 sum over the filter's few
+    taps in tap order (no dense matrices); the first pass reads the 8-bit pixels directly.
+    """
+    out = rgb
+    for axis in (1, 0):
+        if out.shape[axis] == size[axis]:
+            continue
+        index, weights = _antialias_weights(out.shape[axis], size[axis])
+        weights = weights.reshape(weights.shape + (1,) * (out.ndim - 1 - axis))  # broadcast along `axis`
+        acc = weights[:, 0] * np.take(out, index[:, 0], axis=axis)
+        for tap in range(1, index.shape[1]):
+            acc += weights[:, tap] * np.take(out, index[:, tap], axis=axis)
+        out = acc
+    return out.astype(np.float32, copy=False)
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """Resize (+ optional centre crop) + ImageNet normalisation to an NCHW float32 tensor, as recorded in the manifest."""
@@ -92,6 +141,8 @@ class Preprocessor:
 
     def resize_image(self, rgb: np.ndarray) -> np.ndarray:
         height, width = self.image_size
+        if self.resize == "antialias":
+            return antialias_resize(rgb, self.image_size)
         return cv2.resize(rgb, (width, height), interpolation=RESIZE_METHODS[self.resize])
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
