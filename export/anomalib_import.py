@@ -252,7 +252,7 @@ def _pair(size: Any, what: str) -> tuple[int, int]:
 def _preprocess(pre_processor: Any) -> dict[str, Any]:
     """anomalib's pre-processor as PreprocessInfo fields; ``True`` (or absent) means Patchcore's default."""
     if pre_processor is None or pre_processor is True:
-        return dict(image_size=DEFAULT_RESIZE, resize="area", mean=IMAGENET_MEAN, std=IMAGENET_STD, center_crop=DEFAULT_CROP)
+        return dict(image_size=DEFAULT_RESIZE, resize="antialias", mean=IMAGENET_MEAN, std=IMAGENET_STD, center_crop=DEFAULT_CROP)
     if pre_processor is False:
         raise AnomalibImportError("the model has no pre-processor: anomalib fed it raw images of unknown size")
     transform = field(pre_processor, "transform") or field(field(pre_processor, "_modules"), "transform")
@@ -264,8 +264,9 @@ def _preprocess(pre_processor: Any) -> dict[str, Any]:
             mode = mode if isinstance(mode, str) else (field(mode, "_args") or ("?",))[0]
             if str(mode).lower() not in ("bilinear", "interpolationmode.bilinear"):
                 raise AnomalibImportError(f"Resize with {mode} interpolation has no patchline equivalent (bilinear only)")
-            # anomalib: antialiased bilinear on floats; patchline: cv2 on uint8 — INTER_AREA is the antialiased one.
-            fields.update(image_size=_pair(field(step, "size"), "Resize"), resize="area" if field(step, "antialias", True) else "bilinear")
+            # Without antialiasing, OpenCV's bilinear on 8-bit pixels is near (not equal to) torch's on floats.
+            antialias = field(step, "antialias", True)
+            fields.update(image_size=_pair(field(step, "size"), "Resize"), resize="antialias" if antialias else "bilinear")
         elif kind == "CenterCrop":
             fields["center_crop"] = _pair(field(step, "size"), "CenterCrop")
         elif kind == "Normalize":

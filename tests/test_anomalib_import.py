@@ -22,7 +22,7 @@ from patchline.runtime.artifact import load_artifact
 from patchline.runtime.cli import main
 from patchline.runtime.decision import decide
 from patchline.runtime.inspector import Inspector
-from patchline.runtime.preprocess import Preprocessor, list_images, read_image
+from patchline.runtime.preprocess import Preprocessor, antialias_resize, list_images, read_image
 from tests import plain_patchcore
 
 IMAGENET = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -118,6 +118,12 @@ def data_256(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("data256"), train=3, test_good=2, per_defect=1, size=256, seed=2)
 
 
+@pytest.fixture(scope="module")
+def data_300(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Larger than the resize size: scores match only if patchline resizes as torchvision does.
+    return generate(tmp_path_factory.mktemp("data300"), train=3, test_good=2, per_defect=1, size=300, seed=3)
+
+
 def test_lightning_checkpoint_with_default_preprocessing_scores_as_anomalib(tmp_path, monkeypatch, data_256):
     classes = _anomalib_classes(monkeypatch)
     default = T.Compose([T.Resize((256, 256), antialias=True), T.CenterCrop((224, 224)), T.Normalize(**IMAGENET)])
@@ -164,11 +170,11 @@ def test_lightning_checkpoint_with_default_preprocessing_scores_as_anomalib(tmp_
         assert (decision.verdict == "NG") == (anomalib_normalised > 0.5)
 
 
-def test_exported_torch_model_with_custom_preprocessing(tmp_path, monkeypatch, data_256):
+def test_exported_torch_model_with_custom_preprocessing(tmp_path, monkeypatch, data_300):
     classes = _anomalib_classes(monkeypatch)
     transform = T.Compose([T.Resize((256, 256), antialias=True), T.Normalize(mean=[0.5] * 3, std=[0.25] * 3)])
     # Layers named out of network order: anomalib still concatenates in network order.
-    lightning, timm_model = _trained(tmp_path, classes, ["layer3", "layer2"], transform, data_256, sensitivity=0.6)
+    lightning, timm_model = _trained(tmp_path, classes, ["layer3", "layer2"], transform, data_300, sensitivity=0.6)
     exported = tmp_path / "model.pt"
     torch.save({"model": lightning}, exported)  # anomalib's ExportMixin.to_torch
     for name in [n for n in sys.modules if n.startswith("anomalib")]:
@@ -176,11 +182,11 @@ def test_exported_torch_model_with_custom_preprocessing(tmp_path, monkeypatch, d
 
     parsed = read_anomalib(exported)
     assert parsed.layers == ["layer2", "layer3"]
-    assert parsed.preprocess == dict(image_size=(256, 256), resize="area", mean=(0.5,) * 3, std=(0.25,) * 3, center_crop=None)
+    assert parsed.preprocess == dict(image_size=(256, 256), resize="antialias", mean=(0.5,) * 3, std=(0.25,) * 3, center_crop=None)
     assert parsed.calibration.details["image_sensitivity"] == 0.6
     import_anomalib(exported, tmp_path / "artifact")
     inspector = Inspector(tmp_path / "artifact", device="cpu")
-    paths = list_images(data_256 / "test")
+    paths = list_images(data_300 / "test")
     want, _ = _anomalib_forward(timm_model, transform, paths, lightning.model.memory_bank, 9)
     np.testing.assert_allclose([inspector.inspect(read_image(p)).score for p in paths], want.numpy(), rtol=1e-4)
 
@@ -199,6 +205,21 @@ def test_unusable_files_say_why(tmp_path, monkeypatch):
         "backbone": "resnet18", "layers": ["layer2"], "pre_processor": classes.PreProcessor(crop)}}, tmp_path / "aspect.ckpt")
     with pytest.raises(AnomalibImportError, match=r"Resize size \[256\] keeps the aspect ratio"):
         read_anomalib(tmp_path / "aspect.ckpt")
+
+
+@pytest.mark.parametrize("shape", [(300, 457), (100, 80), (256, 300), (255, 256), (512, 512)])
+def test_antialias_resize_is_torchs(shape):
+    """Down by non-integer factors, up, one axis only, non-square: as torch's antialiased bilinear."""
+    image = np.random.default_rng(shape[1]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    size = (224, 224) if shape == (512, 512) else (256, 256)
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(image).permute(2, 0, 1)[None].float(), size, mode="bilinear", antialias=True, align_corners=False
+    )[0].permute(1, 2, 0)
+    got = antialias_resize(image, size)
+    assert got.dtype == np.float32 and got.shape == (*size, 3)
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4)
+    pre = Preprocessor(size, "antialias", (0.0,) * 3, (1.0 / 255,) * 3)  # normalisation off: pixel values
+    np.testing.assert_allclose(pre([image])[0], want.permute(2, 0, 1).numpy(), rtol=0, atol=1e-4)
 
 
 def test_center_crop_is_torchvisions():
