@@ -126,3 +126,16 @@ def test_ensemble_config_errors_name_the_layer():
     with pytest.raises(ConfigError, match="3 weights for 2 backbones"):
         load_config(None, ["model.backbone=[a, b]", "model.layers=[0.x, 1.y]", "model.weights=[random, random, random]"])
     assert load_config(None, ["model.backbone=[a, b]", "model.layers=[0.x, 1.y]"]).model.embed_dimensions() == (1024, 384)
+
+
+def test_ensemble_example_config_builds_patchcores_best_ensemble():
+    """configs/ensemble.yaml (the README's example) is valid and its layers exist: built on the meta device."""
+    path = Path(__file__).parents[1] / "configs" / "ensemble.yaml"
+    config = load_config(path, ["model.weights=random"])  # no download; shapes only
+    assert config.model.backbones == ["wideresnet101", "resnext101", "densenet201"]
+    assert config.model.embed_dimensions() == (1024, 384)
+    size = config.preprocess.image_size
+    with torch.device("meta"):
+        module, _ = build_from_config(config.model, size)
+        embedding = module(torch.zeros(1, 3, *size))
+    assert embedding.shape == (1, 28, 28, 3 * 384)  # on wideresnet101's layer2 grid, 224 / 8
