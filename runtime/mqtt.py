@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import ssl
+import itertools
 import sys
 import threading
 import time
@@ -202,8 +203,12 @@ class _Entry:
 
     @classmethod
     def from_record(cls, key: str, record: dict) -> _Entry:
+        verdict = record["verdict"]
+        missing = {"seq", "score", "verdict"} - set(verdict)
+        if missing:
+            raise ValueError(f"verdict lacks {sorted(missing)}")
         corr = record.get("correlation_data")
-        return cls(key, float(record["queued_at"]), record["verdict"], record.get("response_topic"),
+        return cls(key, float(record["queued_at"]), verdict, record.get("response_topic"),
                    bytes.fromhex(corr) if corr is not None else None)
 
 
@@ -359,7 +364,7 @@ class MqttSink:
 
         Whatever is not acknowledged by then stays in the spool for the next start.
         """
-        if self._client is None:
+        if self._client is None or self._stopping:
             return
         deadline = time.monotonic() + flush_timeout
         with self._cond:
@@ -504,9 +509,13 @@ class MqttSink:
         if entry.key:
             self._spool.remove(entry.key)
 
+    def _handed(self) -> int:
+        """How many verdicts at the front of the queue were handed to paho (they are handed in order)."""
+        return sum(1 for _ in itertools.takewhile(lambda e: e.link, self._pending))
+
     def _bound_queue(self) -> None:
         """Drop the oldest waiting verdicts over the count or age limit (ones already handed to paho stay)."""
-        handed = sum(1 for e in self._pending if e.link)  # they form the front of the queue
+        handed = self._handed()
         oldest_allowed = time.time() - self.config.queue_max_age_s
         dropped = 0
         while len(self._pending) > handed and (len(self._pending) > self.config.queue_max_count
@@ -526,19 +535,14 @@ class MqttSink:
         if not self._connected:
             return
         link = self._link
-        in_flight = [e for e in self._pending if e.link and e.mids]
+        handed = self._handed()
+        in_flight = [e for e in itertools.islice(self._pending, handed) if e.mids]
         # After a reconnect paho resends what it holds first; handing more before that is acknowledged
         # could overtake it and break the order.
         if any(e.link != link for e in in_flight):
             return
-        room = WINDOW - len(in_flight)
-        for entry in self._pending:
-            if room <= 0:
-                break
-            if entry.link:
-                continue
+        for entry in itertools.islice(self._pending, handed, handed + WINDOW - len(in_flight)):
             entry.link = link
-            room -= 1
             for topic, payload, props in self._messages(entry):
                 try:
                     info = self._client.publish(topic, payload, qos=1, retain=False, properties=props)

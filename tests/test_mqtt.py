@@ -25,7 +25,7 @@ from patchline.runtime.config import MqttConfig, TlsConfig
 from patchline.runtime.decision import Decision
 from patchline.runtime.mqtt import MqttError, MqttSink, Topics, Trigger, parse_trigger, read_password
 from patchline.runtime.verdict import SCHEMA_PATH, SeqCounter, make_verdict
-from tests.broker import Mosquitto
+from tests.broker import Mosquitto, free_port
 from tests.mqtt_child import CAMERA, sample_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,6 +289,17 @@ def test_spool_survives_sink_restarts_during_an_outage(mosquitto: Mosquitto, tmp
         VALIDATOR.validate(json.loads(payload))
     assert third.delivered == 11 and not list(third.spool_dir.glob("*.json"))
     listener.close()
+
+
+def test_unreadable_spool_files_are_counted_and_kept_aside(tmp_path: Path) -> None:
+    sink = MqttSink(MqttConfig(port=free_port()), CAMERA, tmp_path)  # no broker listens there
+    sink.spool_dir.mkdir(parents=True)
+    (sink.spool_dir / "000000000001.json").write_text('{"queued_at": 1')  # torn by a power cut
+    (sink.spool_dir / "000000000002.json").write_text('{"queued_at": 1, "verdict": {}}')
+    sink.start()
+    sink.stop(flush_timeout=0)
+    assert sink.drops["corrupt"] == 2 and sink.queue_depth == 0
+    assert sorted(p.name for p in sink.spool_dir.iterdir()) == ["000000000001.json.corrupt"]
 
 
 def test_queue_bounds_drop_the_oldest_and_count_them(mosquitto: Mosquitto, tmp_path: Path, open_sinks,
