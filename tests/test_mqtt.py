@@ -31,9 +31,6 @@ from tests.mqtt_child import CAMERA, sample_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = Topics.for_camera("patchline", CAMERA)
-# Root-run mosquitto drops to the `mosquitto` user, which cannot read the test's private tmp folder
-# (log, password file, persistence); `user root` keeps it as is and does nothing for other users.
-STAY_USER = "user root\n"
 VALIDATOR = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()),
                                             format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
@@ -240,7 +237,7 @@ def test_will_publishes_offline_when_the_process_is_killed(mosquitto: Mosquitto,
 def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, open_sinks) -> None:
     # Persistence keeps the test subscriber's session across the restart, so it cannot miss what the
     # sink publishes before the subscriber itself reconnects.
-    broker = Mosquitto(tmp_path, extra_conf=f"{STAY_USER}persistence true\npersistence_location {tmp_path}/\n")
+    broker = Mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {tmp_path}/\n")
     broker.start()
     try:
         listener = Listener(broker.port, [TOPICS.verdict], "3.1.1", client_id="restart-test", persistent=True)
@@ -403,7 +400,7 @@ def test_wrong_password_is_fatal_without_retrying(tmp_path: Path, open_sinks,
         pytest.skip("mosquitto_passwd not installed (Debian package mosquitto)")
     passwords = tmp_path / "passwords"
     subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "line7", "s3cret"], check=True)
-    broker = Mosquitto(tmp_path, extra_conf=f"{STAY_USER}allow_anonymous false\npassword_file {passwords}\n")
+    broker = Mosquitto(tmp_path, extra_conf=f"allow_anonymous false\npassword_file {passwords}\n")
     broker.start()
     try:
         monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
@@ -464,7 +461,7 @@ def test_tls_with_client_certificate(tmp_path: Path, open_sinks) -> None:
     ca = _make_ca(tmp_path, "line-ca")
     server = _make_cert(tmp_path, "broker", ca, san="IP:127.0.0.1,DNS:localhost")
     client = _make_cert(tmp_path, "camera", ca)
-    broker = Mosquitto(tmp_path, extra_conf=f"{STAY_USER}cafile {ca[1]}\ncertfile {server[1]}\nkeyfile {server[0]}\n"
+    broker = Mosquitto(tmp_path, extra_conf=f"cafile {ca[1]}\ncertfile {server[1]}\nkeyfile {server[0]}\n"
                                             "require_certificate true\n")
     broker.start()
     try:
