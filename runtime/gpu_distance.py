@@ -11,7 +11,9 @@ run the same plan on the CPU against the kernel source (tests/cuda_emulation.cpp
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -34,6 +36,12 @@ def kernel_source() -> str:
 def geometry() -> dict[str, int]:
     """The kernel's numeric #defines (TILE, THREADS, LANES, ...): its launch geometry lives only in the .cu file."""
     return {name: int(value) for name, value in re.findall(r"^#define (\w+) (\d+)\b", kernel_source(), re.M)}
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, else in $CUDA_HOME/bin or /usr/local/cuda/bin (services rarely have the toolkit on PATH)."""
+    homes = [os.environ[v] for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ] + ["/usr/local/cuda"]
+    return shutil.which("nvcc") or next((str(p) for h in homes if (p := Path(h) / "bin" / "nvcc").is_file()), None)
 
 
 def compile_options(k: int) -> list[str]:
@@ -150,11 +158,18 @@ class GpuNearest:
     def _function(self, k: int, name: str, args: tuple[str | int, ...]):  # noqa: ANN202 - pycuda Function
         from pycuda.compiler import SourceModule
 
+        from patchline.runtime.cuda_device import GpuUnavailable
+
         if (k, name) not in self._functions:
             if k not in self._modules:
+                # pycuda asks nvcc for its version even when the compiled module is cached.
+                nvcc = find_nvcc()
+                if nvcc is None:
+                    raise GpuUnavailable("the distance kernel is compiled by nvcc, which is not on PATH, in "
+                                         "$CUDA_HOME/bin or /usr/local/cuda/bin; install the CUDA toolkit")
                 # The source has its own extern "C" entry points around C++ templates.
-                self._modules[k] = SourceModule(kernel_source(), options=compile_options(k), no_extern_c=True,
-                                                cache_dir=str(self.cache_dir))
+                self._modules[k] = SourceModule(kernel_source(), nvcc=nvcc, options=compile_options(k),
+                                                no_extern_c=True, cache_dir=str(self.cache_dir))
             function = self._modules[k].get_function(name)
             self._functions[k, name] = function.prepare("".join("P" if isinstance(a, str) else "i" for a in args))
         return self._functions[k, name]

@@ -8,7 +8,6 @@ patchline does not produce, so INT8 is refused there. TensorRT is imported insid
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

@@ -15,6 +15,7 @@ from patchline.runtime.gpu_distance import (
     KERNEL_FILE,
     bank_norm_launch,
     check_query,
+    find_nvcc,
     padded_dim,
     plan_queries,
     prepare_rows,
@@ -24,20 +25,18 @@ HARNESS = Path(__file__).with_name("cuda_emulation.cpp")
 
 
 def cuda_include_dir() -> Path | None:
-    """The CUDA toolkit's headers (cuda_fp16.h), next to nvcc or under CUDA_HOME."""
-    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(nvcc).resolve().parent.parent / "include")
-    candidates.append(Path("/usr/local/cuda/include"))
-    return next((c for c in candidates if (c / "cuda_fp16.h").is_file()), None)
+    """The CUDA toolkit's headers (cuda_fp16.h): beside nvcc, or where find_nvcc looks (nvcc may be a wrapper)."""
+    nvcc = find_nvcc()
+    homes = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    homes += [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ] + [Path("/usr/local/cuda")]
+    return next((h / "include" for h in homes if (h / "include" / "cuda_fp16.h").is_file()), None)
 
 
 def unavailable_reason() -> str | None:
     if shutil.which("g++") is None:
         return "g++ is not installed"
     if cuda_include_dir() is None:
-        return "no CUDA toolkit headers (cuda_fp16.h) found via nvcc, CUDA_HOME or /usr/local/cuda"
+        return "no CUDA toolkit (nvcc and its cuda_fp16.h) on PATH, in $CUDA_HOME or /usr/local/cuda"
     return None
 
 
