@@ -24,8 +24,10 @@ from patchline.runtime.preprocess import list_images, read_image
 
 GPU_REASON = gpu_unavailable_reason()
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"no GPU here: {GPU_REASON}")
-needs_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
-                                    reason="TensorRT's Python package is not installed")
+_TRT_MISSING = [r for r in (GPU_REASON and f"no GPU here: {GPU_REASON}",
+                             importlib.util.find_spec("tensorrt") is None and "TensorRT's Python package is not installed")
+                if r]
+needs_tensorrt_gpu = pytest.mark.skipif(bool(_TRT_MISSING), reason="; ".join(_TRT_MISSING))
 
 
 def ort_providers() -> list[str]:
@@ -132,8 +134,7 @@ def test_batched_inspection_equals_single(small_artifact, sample_data) -> None:
 
 # --- runs only with a GPU ----------------------------------------------------------------------------
 
-@needs_gpu
-@needs_tensorrt
+@needs_tensorrt_gpu
 @pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-3), ("fp16", 3e-2)])
 def test_tensorrt_engine_matches_cpu(small_artifact, tmp_path, precision: str, tolerance: float) -> None:
     from patchline.runtime.tensorrt_engine import TensorRtEngine
@@ -154,8 +155,7 @@ def test_tensorrt_engine_matches_cpu(small_artifact, tmp_path, precision: str, t
     assert list(tmp_path.glob("sm*/timing_trt*.cache")), "the timing cache is kept"
 
 
-@needs_gpu
-@needs_tensorrt
+@needs_tensorrt_gpu
 def test_tensorrt_engine_refuses_to_build_when_disabled(small_artifact, tmp_path) -> None:
     from patchline.runtime.tensorrt_engine import TensorRtEngine
 
@@ -164,8 +164,7 @@ def test_tensorrt_engine_refuses_to_build_when_disabled(small_artifact, tmp_path
         TensorRtEngine(load_artifact(small_artifact), settings=settings)
 
 
-@needs_gpu
-@needs_tensorrt
+@needs_tensorrt_gpu
 def test_inspector_on_gpu_scores_like_cpu(small_artifact, sample_data, tmp_path) -> None:
     settings = TensorRtConfig(precision="fp32", cache_dir=str(tmp_path))
     gpu = Inspector(small_artifact, engine="tensorrt", distance="cuda", settings=settings)
