@@ -7,7 +7,7 @@ CONFIG ?= configs/default.yaml
 IMAGES ?= $(DEMO)/data
 ARTIFACT ?= artifacts/model
 
-.PHONY: demo test export system-deps venv clean
+.PHONY: demo test export system-deps venv clean engine bench-gpu
 
 # Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
 system-deps:
@@ -31,6 +31,17 @@ demo: venv
 
 export: venv
 	$(BIN)/patchline export --config $(CONFIG) --images $(IMAGES) --out $(ARTIFACT)
+
+# GPU box only: TensorRT (the 'gpu' extra, or JetPack's python3-libnvinfer via --system-site-packages),
+# pycuda and the NVIDIA driver. The engine is cached per ONNX, TensorRT version, GPU and precision.
+engine: venv
+	$(BIN)/patchline engine --artifact $(ARTIFACT) --config $(CONFIG)
+
+# Engine, distance kernel vs cuBLAS (needs CuPy), end to end; JSON under bench/results/.
+BENCH_ARTIFACT ?= $(DEMO)/artifact
+bench-gpu: venv
+	test -f $(BENCH_ARTIFACT)/manifest.json || $(MAKE) demo
+	$(BIN)/patchline bench-gpu --artifact $(BENCH_ARTIFACT) --config $(CONFIG)
 
 # pytest exits 5 when it collects no test: not a failure of the code under test.
 test: venv

@@ -76,12 +76,32 @@ class ExportConfig(Section):
     tolerance: float = Field(1e-4, gt=0.0)
 
 
+class TensorRtConfig(Section):
+    """The TensorRT engine built on the box from the artifact's ONNX (runtime/trt_build.py)."""
+
+    precision: Literal["fp16", "fp32", "int8"] = "fp16"
+    batch_profile: tuple[int, int, int] = (1, 1, 8)  # min, opt, max batch the engine accepts
+    workspace_mb: int = Field(1024, ge=16)
+    cache_dir: str | None = None  # default: systemd's CacheDirectory, else ~/.cache/patchline
+    build: bool = True  # build a missing or stale engine; false: refuse to start instead
+    timing_cache: bool = True  # keep TensorRT's kernel timings next to the engines: rebuilds are faster
+    calibration_cache: str | None = None  # INT8 only: the calibration cache from patchline.calibration
+
+    @field_validator("batch_profile")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not 1 <= value[0] <= value[1] <= value[2]:
+            raise ValueError("must be [min, opt, max] with 1 <= min <= opt <= max")
+        return value
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     coreset: CoresetConfig = CoresetConfig()
     scoring: ScoringConfig = ScoringConfig()
     export: ExportConfig = ExportConfig()
+    tensorrt: TensorRtConfig = TensorRtConfig()
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

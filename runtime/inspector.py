@@ -23,15 +23,31 @@ class Inspection:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-class Inspector:
-    """Scores RGB images with an artifact; one instance per camera/thread."""
+DISTANCES = ("cpu", "cuda", "cuda-fp16")
 
-    def __init__(self, artifact: Artifact | str | Path, engine: str = "onnxruntime", **engine_options: object) -> None:
+
+class Inspector:
+    """Scores RGB images with an artifact; one instance per camera/thread.
+
+    ``distance`` picks where patches meet the memory bank: "cpu" (numpy BLAS) or the CUDA
+    kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16").
+    """
+
+    def __init__(
+        self, artifact: Artifact | str | Path, engine: str = "onnxruntime", distance: str = "cpu", **engine_options: object
+    ) -> None:
+        if distance not in DISTANCES:
+            raise ValueError(f"distance {distance!r}: expected one of {', '.join(DISTANCES)}")
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
         self.engine = create_engine(engine, self.artifact, **engine_options)
         self.bank = MemoryBank(self.artifact.bank)
+        self.nearest = self.bank.nearest
+        if distance != "cpu":
+            from patchline.runtime.gpu_distance import GpuNearest
+
+            self.nearest = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32").nearest
         self.num_neighbors = manifest.num_neighbors
 
     def warm_up(self) -> None:
@@ -40,24 +56,30 @@ class Inspector:
 
     def inspect(self, rgb: np.ndarray) -> Inspection:
         """Score one RGB uint8 image of any size."""
+        return self.inspect_batch([rgb])[0]
+
+    def inspect_batch(self, images: list[np.ndarray]) -> list[Inspection]:
+        """Score RGB uint8 images as one batch; each result's timings_ms are those of the whole batch."""
         clock = time.perf_counter
         t0 = clock()
-        batch = self.preprocess([rgb])
+        batch = self.preprocess(images)
         t1 = clock()
-        embedding = self.engine(batch)[0]
+        embeddings = self.engine(batch)
         t2 = clock()
-        h, w, dim = embedding.shape
-        patches = embedding.reshape(h * w, dim)
-        dist, idx = self.bank.nearest(patches, 1)
+        count, h, w, dim = embeddings.shape
+        patches = embeddings.reshape(count, h * w, dim)
+        dist, idx = self.nearest(patches.reshape(count * h * w, dim), 1)
+        dist, idx = dist[:, 0].reshape(count, h * w), idx[:, 0].reshape(count, h * w)
         t3 = clock()
-        dist, idx = dist[:, 0], idx[:, 0]
-        score, top = image_score(self.bank, patches, dist, idx, self.num_neighbors)
-        amap = anomaly_map(dist.reshape(h, w), self.preprocess.image_size)
+        scored = []
+        for i, rgb in enumerate(images):
+            score, top = image_score(self.bank, patches[i], dist[i], idx[i], self.num_neighbors)
+            amap = anomaly_map(dist[i].reshape(h, w), self.preprocess.image_size)
+            row, col = divmod(top, w)
+            src_h, src_w = rgb.shape[:2]
+            scored.append((score, amap, (int((col + 0.5) * src_w / w), int((row + 0.5) * src_h / h))))
         t4 = clock()
-        row, col = divmod(top, w)
-        src_h, src_w = rgb.shape[:2]
-        location = (int((col + 0.5) * src_w / w), int((row + 0.5) * src_h / h))
         timings = {"preprocess": t1 - t0, "backbone": t2 - t1, "distance": t3 - t2, "score": t4 - t3}
         timings = {k: round(v * 1000.0, 3) for k, v in timings.items()}
         timings["total"] = round((t4 - t0) * 1000.0, 3)
-        return Inspection(score=score, anomaly_map=amap, location=location, timings_ms=timings)
+        return [Inspection(score=s, anomaly_map=a, location=loc, timings_ms=dict(timings)) for s, a, loc in scored]
