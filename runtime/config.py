@@ -6,6 +6,7 @@ start instead of silently falling back to a default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -209,3 +210,48 @@ class FolderSourceConfig(SourceSection):
 SourceConfig = Annotated[
     Union[GStreamerSourceConfig, OpenCVSourceConfig, FolderSourceConfig], Field(discriminator="kind")
 ]
+
+
+class MetricsConfig(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"  # 0.0.0.0 to let a Prometheus on another host scrape
+    port: int = Field(9108, ge=0, le=65535)  # 0: any free port (tests)
+    # /healthz is 200 only while the last frame is younger than this.
+    health_max_frame_age_s: float = Field(10.0, gt=0)
+
+
+class EvidenceConfig(Section):
+    enabled: bool = True
+    dir: str | None = None  # default: <state_dir>/evidence
+    quota_mb: float = Field(500.0, gt=0)
+    format: Literal["png", "jpg"] = "png"  # of the frame; png keeps the exact pixels for retraining
+
+
+class TriggerConfig(Section):
+    # A trigger with no frame captured at or after it within this time is answered on the error topic.
+    timeout_s: float = Field(5.0, gt=0)
+    max_pending: int = Field(32, ge=1)
+
+
+def _state_directory() -> str:
+    # systemd's StateDirectory= sets STATE_DIRECTORY (colon-separated when it names several).
+    return os.environ.get("STATE_DIRECTORY", "/var/lib/patchline").split(":")[0]
+
+
+class RunConfig(Section):
+    """``patchline run``: one camera, one artifact, verdicts to one broker."""
+
+    camera: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used in MQTT topics and file names
+    artifact: str
+    engine: str = "onnxruntime"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    # Raw-score threshold; overrides the artifact's calibration. Needed when the artifact is not calibrated.
+    threshold: float | None = None
+    mode: Literal["continuous", "trigger"] = "continuous"
+    source: SourceConfig
+    trigger: TriggerConfig = TriggerConfig()
+    mqtt: MqttConfig = MqttConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    evidence: EvidenceConfig = EvidenceConfig()
+    state_dir: str = Field(default_factory=_state_directory)  # seq counter, MQTT spool, evidence

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
-    """RGB frames → an MJPEG .avi that GStreamer's filesrc ! decodebin plays."""
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
-    assert writer.isOpened(), f"OpenCV cannot write {path}"
-    for frame in frames:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
-    return path
+from patchline.runtime.demo import write_video  # noqa: F401  (the tests write videos as the demo does)
 
 
 def corrupt_frames(path: Path, indices: list[int]) -> None:
-    """Overwrite the headers of the given JPEG frames inside the file, so that no decoder can read them."""
+    """Zero the given JPEG frames between their start and end markers, so that no decoder can read them."""
     data = bytearray(path.read_bytes())
     starts = [i for i in range(len(data) - 2) if data[i : i + 3] == b"\xff\xd8\xff"]
     for index in indices:
