@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import ssl
+import itertools
 import sys
 import threading
 import time
@@ -67,8 +68,14 @@ DROP_LOG_INTERVAL_S = 10.0
 ACCEPTED = (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
 MAX_PART_ID = 128
 # CONNACK refusals that retrying cannot fix: stop and report instead of hammering the broker.
-FATAL_CONNACK = {"Unsupported protocol version", "Client identifier not valid", "Bad user name or password",
-                 "Not authorized", "Banned", "Bad authentication method"}
+FATAL_CONNACK = {
+    "Bad user name or password": "check mqtt.username and the password credential",
+    "Not authorized": "check mqtt.username, the password credential and the broker's ACL",
+    "Client identifier not valid": "check mqtt.client_id",
+    "Banned": "the broker has banned this client",
+    "Bad authentication method": "check the broker's authentication settings",
+    "Unsupported protocol version": "set mqtt.protocol to a version the broker supports",
+}
 
 
 class MqttError(RuntimeError):
@@ -120,7 +127,8 @@ class Topics:
 def read_password(name: str) -> str:
     """The password named ``name``: ``$CREDENTIALS_DIRECTORY/<name>`` (systemd LoadCredential) or env var ``<name>``."""
     if not name or "/" in name or name.startswith("."):
-        raise MqttError(f"mqtt.password_credential {name!r} must be a plain name (a file in $CREDENTIALS_DIRECTORY or an env var)")
+        raise MqttError(f"mqtt.password_credential {name!r} must be a plain name"
+                        " (of a file in $CREDENTIALS_DIRECTORY or of an environment variable)")
     folder = os.environ.get("CREDENTIALS_DIRECTORY")
     if folder and (Path(folder) / name).exists():
         path = Path(folder) / name
@@ -195,8 +203,12 @@ class _Entry:
 
     @classmethod
     def from_record(cls, key: str, record: dict) -> _Entry:
+        verdict = record["verdict"]
+        missing = {"seq", "score", "verdict"} - set(verdict)
+        if missing:
+            raise ValueError(f"verdict lacks {sorted(missing)}")
         corr = record.get("correlation_data")
-        return cls(key, float(record["queued_at"]), record["verdict"], record.get("response_topic"),
+        return cls(key, float(record["queued_at"]), verdict, record.get("response_topic"),
                    bytes.fromhex(corr) if corr is not None else None)
 
 
@@ -227,6 +239,7 @@ class MqttSink:
         self._connected = False
         self._closing = False
         self._stopping = False
+        self._kick = False  # connected: hand over what waited for the broker now, not at the next tick
         self._fatal: str | None = None
         self._failing = False  # a connection attempt failed and was logged; quiet until the next success
         self._counts = {"delivered": 0, "overflow": 0, "expired": 0, "rejected": 0, "corrupt": 0}
@@ -299,7 +312,8 @@ class MqttSink:
             try:
                 client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
             except (ssl.SSLError, OSError, ValueError) as exc:
-                raise MqttError(f"mqtt.tls: cannot load certificates ({tls.ca_file}, {tls.cert_file}, {tls.key_file}): {exc}") from exc
+                raise MqttError(f"mqtt.tls: cannot load ca_file={tls.ca_file}, cert_file={tls.cert_file},"
+                                f" key_file={tls.key_file}: {exc}") from exc
             client.tls_insecure_set(tls.insecure)
         client.will_set(self.topics.available, "offline", qos=1, retain=True)
         client.max_inflight_messages_set(PAHO_MAX_INFLIGHT)
@@ -327,7 +341,8 @@ class MqttSink:
                 self._spool.remove(key)
                 self._counts["corrupt"] += 1
         if records:
-            log.info("%d verdict(s) from a previous run found in %s: delivering after connect", len(self._pending), self.spool_dir)
+            log.info("MQTT: %d verdict(s) of a previous run found in %s: delivering them first",
+                     len(self._pending), self.spool_dir)
         self._client = client
         self._sender = threading.Thread(target=self._send_loop, name=f"mqtt-sender-{self.camera}", daemon=True)
         self._sender.start()
@@ -349,7 +364,7 @@ class MqttSink:
 
         Whatever is not acknowledged by then stays in the spool for the next start.
         """
-        if self._client is None:
+        if self._client is None or self._stopping:
             return
         deadline = time.monotonic() + flush_timeout
         with self._cond:
@@ -373,7 +388,8 @@ class MqttSink:
             self._sender.join()
         left = len(self._pending)
         if left:
-            log.warning("MQTT: stopped with %d undelivered verdict(s) kept in %s for the next start", left, self.spool_dir)
+            log.warning("MQTT: stopped with %d undelivered verdict(s) kept in %s for the next start",
+                        left, self.spool_dir)
         else:
             log.info("MQTT: stopped, all verdicts delivered")
 
@@ -391,9 +407,15 @@ class MqttSink:
             self._cond.notify_all()
 
     def publish_error(self, payload: dict) -> None:
-        """Publish a JSON error report on the error topic (QoS 1; best effort: not queued while disconnected)."""
-        message = {"schema_version": SCHEMA_VERSION, "camera": self.camera, "timestamp": iso_utc(time.time()), **payload}
-        self._publish_now(self.topics.error, message)
+        """Publish a JSON error report on the error topic (QoS 1; best effort: not queued while disconnected).
+
+        ``payload`` should hold at least ``error`` (a short code) and ``detail``; camera, timestamp and
+        schema_version are added.
+        """
+        self._publish_now(self.topics.error, self._error_message(payload))
+
+    def _error_message(self, payload: dict) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "camera": self.camera, "timestamp": iso_utc(time.time()), **payload}
 
     def _publish_now(self, topic: str, message: dict, correlation_data: bytes | None = None) -> None:
         client = self._client
@@ -429,7 +451,8 @@ class MqttSink:
     def _send_loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._inbox or self._acks or self._stopping, timeout=1.0)
+                self._cond.wait_for(lambda: self._inbox or self._acks or self._kick or self._stopping, timeout=1.0)
+                self._kick = False
                 new = list(self._inbox)
                 acks, self._acks = self._acks, []
                 stopping = self._stopping
@@ -486,9 +509,13 @@ class MqttSink:
         if entry.key:
             self._spool.remove(entry.key)
 
+    def _handed(self) -> int:
+        """How many verdicts at the front of the queue were handed to paho (they are handed in order)."""
+        return sum(1 for _ in itertools.takewhile(lambda e: e.link, self._pending))
+
     def _bound_queue(self) -> None:
         """Drop the oldest waiting verdicts over the count or age limit (ones already handed to paho stay)."""
-        handed = sum(1 for e in self._pending if e.link)  # they form the front of the queue
+        handed = self._handed()
         oldest_allowed = time.time() - self.config.queue_max_age_s
         dropped = 0
         while len(self._pending) > handed and (len(self._pending) > self.config.queue_max_count
@@ -508,19 +535,14 @@ class MqttSink:
         if not self._connected:
             return
         link = self._link
-        in_flight = [e for e in self._pending if e.link and e.mids]
+        handed = self._handed()
+        in_flight = [e for e in itertools.islice(self._pending, handed) if e.mids]
         # After a reconnect paho resends what it holds first; handing more before that is acknowledged
         # could overtake it and break the order.
         if any(e.link != link for e in in_flight):
             return
-        room = WINDOW - len(in_flight)
-        for entry in self._pending:
-            if room <= 0:
-                break
-            if entry.link:
-                continue
+        for entry in itertools.islice(self._pending, handed, handed + WINDOW - len(in_flight)):
             entry.link = link
-            room -= 1
             for topic, payload, props in self._messages(entry):
                 try:
                     info = self._client.publish(topic, payload, qos=1, retain=False, properties=props)
@@ -539,9 +561,9 @@ class MqttSink:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         cfg = self.config
         if reason.is_failure:
-            if str(reason) in FATAL_CONNACK:
-                hint = " (check mqtt.username and the password credential)" if "user" in str(reason) or "author" in str(reason) else ""
-                self._set_fatal(f"broker {cfg.host}:{cfg.port} refused the connection: {reason}{hint}")
+            hint = FATAL_CONNACK.get(str(reason))
+            if hint:
+                self._set_fatal(f"broker {cfg.host}:{cfg.port} refused the connection: {reason} ({hint})")
             else:
                 log.warning("MQTT: broker %s:%d refused the connection: %s (retrying)", cfg.host, cfg.port, reason)
             return
@@ -551,6 +573,7 @@ class MqttSink:
             self._link += 1
             self._connected = True
             self._failing = False
+            self._kick = True
             self._cond.notify_all()
         log.info("MQTT: connected to %s:%d%s", cfg.host, cfg.port,
                  f" (reconnect {self.reconnects})" if self.reconnects else "")
@@ -575,7 +598,8 @@ class MqttSink:
             self._cond.notify_all()
         self._client.disconnect()  # ends paho's reconnect loop: no retry storm against a refusing broker
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       properties: Any) -> None:
         with self._cond:
             was_connected, self._connected = self._connected, False
             self._cond.notify_all()
@@ -592,21 +616,21 @@ class MqttSink:
             self._cond.notify_all()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        props = getattr(message, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        props = getattr(message, "properties", None)  # MQTT v5 only
+        response_topic = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        answerable = bool(response_topic) and not any(c in response_topic for c in "+#")
         try:
             part_id = parse_trigger(message.payload)
-            if response_topic is not None and (not response_topic or any(c in response_topic for c in "+#")):
+            if response_topic is not None and not answerable:
                 raise ValueError(f"ResponseTopic {response_topic!r} is not a topic one can publish to")
         except ValueError as exc:
             log.warning("MQTT: malformed trigger on %s: %s", message.topic, exc)
-            report = {"error": "malformed_trigger", "detail": str(exc), "topic": message.topic,
-                      "payload": message.payload[:200].decode("utf-8", "replace")}
-            self.publish_error(report)
-            if response_topic and not any(c in response_topic for c in "+#"):
-                self._publish_now(response_topic, {"schema_version": SCHEMA_VERSION, "camera": self.camera,
-                                                   "timestamp": iso_utc(time.time()), **report}, correlation)
+            report = self._error_message({"error": "malformed_trigger", "detail": str(exc), "topic": message.topic,
+                                          "payload": message.payload[:200].decode("utf-8", "replace")})
+            self._publish_now(self.topics.error, report)
+            if answerable:  # a v5 requester waits on its ResponseTopic: tell it there too
+                self._publish_now(response_topic, report, correlation)
             return
         trigger = Trigger(part_id, time.time(), response_topic, correlation)
         log.debug("MQTT: trigger %s", trigger)
