@@ -186,6 +186,7 @@ class FrameSource:
         except CorruptFrame as exc:
             self.counters.corrupt += 1
             self._corrupt_log.warning(f"source {self.description}: corrupt frame skipped: {exc}")
+            self._watchdog()  # a stream of nothing but garbage is a stall too
             return None
         except EndOfStream:
             return self._ended()

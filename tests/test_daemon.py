@@ -27,10 +27,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from patchline.runtime.artifact import read_manifest, write_manifest
-from patchline.runtime.config import ConfigError, RunConfig
+from patchline.runtime.config import ConfigError, RunConfig, load_config
 from patchline.runtime.daemon import EXIT_CONFIG, Daemon
 from patchline.runtime.decision import Calibration
+from patchline.runtime.evidence import EvidenceStore
 from patchline.runtime.inspector import Inspector
+from patchline.runtime.sources import open_source
 from patchline.runtime.verdict import SCHEMA_PATH
 from tests.broker import Mosquitto, free_port
 from tests.video import write_video
@@ -317,3 +319,26 @@ def test_refuses_to_start_without_calibration_or_threshold(tmp_path, small_artif
                                        "source": {"kind": "folder", "path": str(tmp_path)}})
     with pytest.raises(ConfigError, match="not calibrated"):
         Daemon(config)
+
+
+def test_evidence_keeps_the_newest_folders_within_the_quota(tmp_path):
+    rng = np.random.default_rng(0)
+    store = EvidenceStore(tmp_path / "evidence", quota_mb=0.5, image_format="png")
+    folders = []
+    for seq in range(1, 9):
+        noise = rng.integers(0, 255, (240, 320, 3), np.uint8)  # incompressible: ~230 kB per PNG
+        folders.append(store.submit(seq, 1_700_000_000 + seq, noise, rng.random((64, 64)).astype(np.float32)))
+        time.sleep(0.05)  # let the writer keep up; a backlog would drop evidence instead (counted)
+    store.close()
+    kept = sorted(p for p in (tmp_path / "evidence").iterdir())
+    size = sum(f.stat().st_size for p in kept for f in p.iterdir())
+    assert store.saved == 8 and store.dropped == 0
+    assert size <= 0.5 * 1024 * 1024 and len(kept) >= 1
+    assert [str(p) for p in kept] == folders[-len(kept):]  # the oldest went first
+    assert sorted(f.name for f in kept[-1].iterdir()) == ["frame.png", "heatmap.jpg"]
+
+
+def test_the_example_line_config_is_valid_and_its_pipeline_parses():
+    config = load_config(Path(__file__).parents[1] / "configs" / "line.yaml", [], model=RunConfig)
+    assert config.source.kind == "gstreamer" and config.mqtt.password_credential == "mqtt-password"
+    open_source(config.source)  # parses the RTSP pipeline (GStreamer plugins present) without connecting
