@@ -116,6 +116,7 @@ def main() -> None:
         subscribe(int(port), topic, int(count))
         return
 
+    load_before = os.getloadavg()[0]  # other work on the machine shows up in the tail latencies
     payloads = [sample_verdict(seq) for seq in range(1, args.count + 1)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -157,6 +158,7 @@ def main() -> None:
         "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("model name")), platform.processor()),
         "cores": os.cpu_count(),
+        "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "python": platform.python_version(),
         "paho_mqtt": paho_version,
         "broker": version,
