@@ -7,7 +7,7 @@ CONFIG ?= configs/default.yaml
 IMAGES ?= $(DEMO)/data
 ARTIFACT ?= artifacts/model
 
-.PHONY: demo test export system-deps venv clean engine bench-gpu
+.PHONY: demo test export system-deps venv clean engine bench-gpu install
 
 # Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
 system-deps:
@@ -28,6 +28,7 @@ demo: venv
 	$(BIN)/patchline sample-data $(DEMO)/data
 	$(BIN)/patchline export --config configs/demo.yaml --images $(DEMO)/data --out $(DEMO)/artifact
 	$(BIN)/patchline eval --artifact $(DEMO)/artifact --data $(DEMO)/data
+	$(BIN)/python -m patchline.runtime.demo --dir $(DEMO)
 
 export: venv
 	$(BIN)/patchline export --config $(CONFIG) --images $(IMAGES) --out $(ARTIFACT)
@@ -46,6 +47,22 @@ bench-gpu: venv
 # pytest exits 5 when it collects no test: not a failure of the code under test.
 test: venv
 	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+# The daemon as a systemd service (as root): a venv in $(PREFIX), a system user, the unit patchline@.service.
+# Then: write /etc/patchline/<camera>.yaml (see configs/line.yaml), the MQTT password (if any) to
+# /etc/patchline/credentials/<camera>.mqtt-password, and `systemctl enable --now patchline@<camera>`.
+PREFIX ?= /opt/patchline
+UNIT_DIR ?= /etc/systemd/system
+install: system-deps
+	id -u patchline >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent \
+	  --shell /usr/sbin/nologin --user-group --groups video patchline
+	$(PYTHON) -m venv --system-site-packages $(PREFIX)/venv
+	$(PREFIX)/venv/bin/pip install -q -c constraints.txt .
+	install -d -m 0755 /etc/patchline
+	install -d -m 0700 /etc/patchline/credentials
+	install -m 0644 configs/line.yaml /etc/patchline/example.yaml.sample
+	sed 's|/opt/patchline|$(PREFIX)|g' deploy/patchline@.service > $(UNIT_DIR)/patchline@.service
+	systemctl daemon-reload 2>/dev/null || true
 
 clean:
 	rm -rf $(DEMO) artifacts .pytest_cache

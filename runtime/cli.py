@@ -152,6 +152,34 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
     print(f"sample data written to {root}")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    import signal
+
+    from patchline.runtime.config import RunConfig, load_config
+    from patchline.runtime.daemon import EXIT_CONFIG, Daemon
+    from patchline.runtime.mqtt import MqttError
+    from patchline.runtime.sources import SourceConfigError
+
+    # What is refused here is a configuration problem that a restart cannot fix: EX_CONFIG, no restart loop.
+    daemon = None
+    try:
+        daemon = Daemon(load_config(args.config, args.set, model=RunConfig))
+        signal.signal(signal.SIGTERM, daemon.request_stop)
+        signal.signal(signal.SIGINT, daemon.request_stop)
+        daemon.start()
+    except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError) as exc:
+        if daemon is not None:
+            daemon.shutdown()
+        log.error("cannot start: %s", exc)
+        sys.exit(EXIT_CONFIG)
+    try:
+        code = daemon.run()
+    except SourceConfigError as exc:  # e.g. the ROI does not fit the first frame
+        log.error("source: %s", exc)
+        code = EXIT_CONFIG
+    sys.exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchline", description="PatchCore visual inspection for production lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -215,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample_data)
+
+    p = sub.add_parser("run", help="the edge daemon: inspect a camera's frames and publish verdicts over MQTT")
+    p.add_argument("--config", type=Path, required=True, help="run config, e.g. configs/line.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set mqtt.port=1884 (repeatable)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
