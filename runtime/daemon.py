@@ -205,7 +205,7 @@ class Daemon:
     def _trigger_error(self, trigger: Trigger, reason: str, detail: str) -> None:
         log.warning("trigger %r not answered: %s", trigger.part_id, detail)
         self.metrics.trigger_error(reason)
-        self.sink.publish_error({"error": reason, "detail": detail, "part_id": trigger.part_id})
+        self.sink.publish_error({"error": reason, "detail": detail, "part_id": trigger.part_id}, trigger)
 
     # -- state for systemd, metrics, health -------------------------------------------------------
 

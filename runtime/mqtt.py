@@ -406,13 +406,19 @@ class MqttSink:
             self._inbox.append(entry)
             self._cond.notify_all()
 
-    def publish_error(self, payload: dict) -> None:
+    def publish_error(self, payload: dict, trigger: Trigger | None = None) -> None:
         """Publish a JSON error report on the error topic (QoS 1; best effort: not queued while disconnected).
 
         ``payload`` should hold at least ``error`` (a short code) and ``detail``; camera, timestamp and
-        schema_version are added.
+        schema_version are added. When ``trigger`` came with a v5 ResponseTopic, the requester is told there too.
         """
-        self._publish_now(self.topics.error, self._error_message(payload))
+        self._report_error(self._error_message(payload), trigger.response_topic if trigger else None,
+                           trigger.correlation_data if trigger else None)
+
+    def _report_error(self, report: dict, response_topic: str | None, correlation: bytes | None) -> None:
+        self._publish_now(self.topics.error, report)
+        if response_topic:  # a v5 requester waits on its ResponseTopic
+            self._publish_now(response_topic, report, correlation)
 
     def _error_message(self, payload: dict) -> dict:
         return {"schema_version": SCHEMA_VERSION, "camera": self.camera, "timestamp": iso_utc(time.time()), **payload}
@@ -628,9 +634,7 @@ class MqttSink:
             log.warning("MQTT: malformed trigger on %s: %s", message.topic, exc)
             report = self._error_message({"error": "malformed_trigger", "detail": str(exc), "topic": message.topic,
                                           "payload": message.payload[:200].decode("utf-8", "replace")})
-            self._publish_now(self.topics.error, report)
-            if answerable:  # a v5 requester waits on its ResponseTopic: tell it there too
-                self._publish_now(response_topic, report, correlation)
+            self._report_error(report, response_topic if answerable else None, correlation)
             return
         trigger = Trigger(part_id, time.time(), response_topic, correlation)
         log.debug("MQTT: trigger %s", trigger)

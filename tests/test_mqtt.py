@@ -386,6 +386,16 @@ def test_triggers_v5_response_and_malformed_payloads(mosquitto: Mosquitto, tmp_p
     assert error_answer.properties.CorrelationData == b"req-2"
     assert json.loads(error_answer.payload)["error"] == "malformed_trigger"
     assert sink.connected and listener.on(TOPICS.mirror("part_id")) == [b"P-1"]
+
+    # A trigger the daemon cannot answer (e.g. no frame in time) is answered with the error, also on v5.
+    send(json.dumps({"part_id": "P-3"}), "plc/answers", b"req-3")
+    late = triggers.get(timeout=5)
+    sink.publish_error({"error": "no_frame", "detail": "no frame within 2 s", "part_id": late.part_id}, late)
+    assert listener.wait(lambda ms: len([m for m in ms if m.topic == "plc/answers"]) == 3)
+    no_frame = [m for m in listener.messages if m.topic == "plc/answers"][2]
+    assert no_frame.properties.CorrelationData == b"req-3"
+    assert json.loads(no_frame.payload)["error"] == "no_frame"
+    assert listener.wait(lambda ms: len([m for m in ms if m.topic == TOPICS.error]) == 6)
     plc.disconnect()
     plc.loop_stop()
     listener.close()
