@@ -26,10 +26,20 @@ class Inspection:
 class Inspector:
     """Scores RGB images with an artifact; one instance per camera/thread."""
 
-    def __init__(self, artifact: Artifact | str | Path, engine: str = "onnxruntime", **engine_options: object) -> None:
+    def __init__(
+        self,
+        artifact: Artifact | str | Path,
+        engine: str = "onnxruntime",
+        precision: str = "fp32",
+        **engine_options: object,
+    ) -> None:
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
+        self.precision = precision
+        self.model_file = self.artifact.model_file(precision)
+        if precision != "fp32":  # engines run the manifest's fp32 model unless told another file
+            engine_options["model_file"] = self.model_file
         self.engine = create_engine(engine, self.artifact, **engine_options)
         self.bank = MemoryBank(self.artifact.bank)
         self.num_neighbors = manifest.num_neighbors
