@@ -103,8 +103,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         norm, verdict = (f"{item['normalised']:6.3f}", item["verdict"]) if calibrated else ("-", "-")
         print(f"{name:<40} {item['defect']:<15} {item['score']:9.4f} {norm:>6} {verdict:>7} {item['latency_ms']:8.1f}")
     overall = report["overall"]
-    print(f"image AUROC {overall['image_auroc']:.4f}  pixel AUROC {overall['pixel_auroc'] or float('nan'):.4f}  "
-          f"PRO(30% FPR) {overall['pro'] or float('nan'):.4f}  ({overall['defective']} defective, {overall['good']} good)")
+    pixel = {k: "n/a" if overall[k] is None else f"{overall[k]:.4f}" for k in ("pixel_auroc", "pro")}
+    print(f"image AUROC {overall['image_auroc']:.4f}  pixel AUROC {pixel['pixel_auroc']}  PRO(30% FPR) {pixel['pro']}  "
+          f"({overall['defective']} defective, {overall['good']} good)")
     if calibrated:
         c = overall["confusion"]
         print(f"at threshold {report['threshold']:.4f}: F1 {overall['f1']:.3f}; NG {c['true_ng']} caught, "
