@@ -110,6 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         c = overall["confusion"]
         print(f"at threshold {report['threshold']:.4f}: F1 {overall['f1']:.3f}; NG {c['true_ng']} caught, "
               f"{c['false_ok']} missed (false accepts); {c['false_ng']} good rejected (false rejects), {c['true_ok']} passed")
+        if report["calibrated_on"] != report["model_file"]:
+            print(f"note: thresholds were calibrated on {report['calibrated_on']} scores, this ran {report['model_file']}")
     else:
         print("not calibrated: no verdicts (run `patchline calibrate`)")
     for defect, m in report["per_defect"].items():
