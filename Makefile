@@ -27,6 +27,9 @@ venv: system-deps $(BIN)/patchline
 demo: venv
 	$(BIN)/patchline sample-data $(DEMO)/data
 	$(BIN)/patchline export --config configs/demo.yaml --images $(DEMO)/data --out $(DEMO)/artifact
+	$(BIN)/patchline sample-data $(DEMO)/val --train 0 --test-good 20 --per-defect 6 --seed 1
+	$(BIN)/patchline calibrate --artifact $(DEMO)/artifact --val $(DEMO)/val --defects $(DEMO)/val
+	$(BIN)/patchline quantize --artifact $(DEMO)/artifact --images $(DEMO)/data --val $(DEMO)/val
 	$(BIN)/patchline eval --artifact $(DEMO)/artifact --data $(DEMO)/data
 	$(BIN)/python -m patchline.runtime.demo --dir $(DEMO)
 

@@ -30,17 +30,27 @@ class Inspector:
     """Scores RGB images with an artifact; one instance per camera/thread.
 
     ``distance`` picks where patches meet the memory bank: "cpu" (numpy BLAS) or the CUDA
-    kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16").
+    kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16"). ``precision``
+    picks the artifact's fp32 model or its INT8 one (``patchline quantize``).
     """
 
     def __init__(
-        self, artifact: Artifact | str | Path, engine: str = "onnxruntime", distance: str = "cpu", **engine_options: object
+        self,
+        artifact: Artifact | str | Path,
+        engine: str = "onnxruntime",
+        distance: str = "cpu",
+        precision: str = "fp32",
+        **engine_options: object,
     ) -> None:
         if distance not in DISTANCES:
             raise ValueError(f"distance {distance!r}: expected one of {', '.join(DISTANCES)}")
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
+        self.precision = precision
+        self.model_file = self.artifact.model_file(precision)
+        if precision != "fp32":  # engines run the manifest's fp32 model unless told another file
+            engine_options["model_file"] = self.model_file
         self.engine = create_engine(engine, self.artifact, **engine_options)
         self.bank = MemoryBank(self.artifact.bank)
         self.nearest = self.bank.nearest

@@ -71,9 +71,11 @@ def test_bad_config_and_artifact_refuse_with_a_clear_message(tmp_path, sample_da
     assert result.returncode != 0 and "missing manifest.json" in result.stderr
 
 
-def test_eval_prints_table_and_auroc(cli_artifact, sample_data):
-    result = patchline("eval", "--artifact", str(cli_artifact), "--data", str(sample_data))
-    auroc = float(result.stdout.strip().splitlines()[-1].split()[2])
+def test_eval_prints_table_and_auroc(cli_artifact, sample_data, tmp_path):
+    result = patchline("eval", "--artifact", str(cli_artifact), "--data", str(sample_data),
+                       "--report", str(tmp_path / "report"))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("image AUROC"))
+    auroc = float(line.split()[2])
     assert 0.8 < auroc <= 1.0  # random weights: well above chance, not perfect
     assert "test/spot/000.png" in result.stdout
 
