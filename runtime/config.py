@@ -266,6 +266,8 @@ class RunConfig(Section):
     engine: str = "onnxruntime"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: the artifact's model.int8.onnx (patchline quantize)
+    distance: Literal["cpu", "cuda", "cuda-fp16"] = "cpu"
     # Raw-score threshold; overrides the artifact's calibration. Needed when the artifact is not calibrated.
     threshold: float | None = None
     mode: Literal["continuous", "trigger"] = "continuous"

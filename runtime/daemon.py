@@ -53,7 +53,8 @@ class Daemon:
         roi = config.source.roi
         self.roi_offset = (roi.x, roi.y) if roi else (0, 0)
         self.source = open_source(config.source)
-        self.inspector = Inspector(self.artifact, engine=config.engine, device=config.device, threads=config.threads)
+        self.inspector = Inspector(self.artifact, engine=config.engine, distance=config.distance,
+                                   precision=config.precision, device=config.device, threads=config.threads)
         state = Path(config.state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self.seq = SeqCounter(state / f"{config.camera}.seq")

@@ -25,7 +25,7 @@ from jsonschema import Draft202012Validator
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from patchline.runtime.artifact import read_manifest, write_manifest
+from patchline.runtime.artifact import ArtifactError, read_manifest, write_manifest
 from patchline.runtime.config import ConfigError, RunConfig, load_config
 from patchline.runtime.daemon import EXIT_CONFIG, Daemon
 from patchline.runtime.decision import Calibration
@@ -339,3 +339,11 @@ def test_the_example_line_config_is_valid_and_its_pipeline_parses():
     config = load_config(Path(__file__).parents[1] / "configs" / "line.yaml", [], model=RunConfig)
     assert config.source.kind == "gstreamer" and config.mqtt.password_credential == "mqtt-password"
     open_source(config.source)  # parses the RTSP pipeline (GStreamer plugins present) without connecting
+
+
+def test_refuses_int8_when_the_artifact_has_no_int8_model(tmp_path, small_artifact):
+    config = RunConfig.model_validate({"camera": CAMERA, "artifact": str(small_artifact), "state_dir": str(tmp_path),
+                                       "threshold": 1.0, "precision": "int8",
+                                       "source": {"kind": "folder", "path": str(tmp_path)}})
+    with pytest.raises(ArtifactError, match="no INT8 model; create one with `patchline quantize`"):
+        Daemon(config)
