@@ -336,7 +336,7 @@ def import_anomalib(checkpoint: str | Path, out_dir: str | Path, opset: int = 17
     if bank.shape[1] != dim:
         raise AnomalibImportError(f"{checkpoint}: memory bank rows have {bank.shape[1]} dims, {model.layers} give {dim}")
     pre = PreprocessInfo(**model.preprocess, input_name=INPUT_NAME)
-    input_size = pre.preprocessor().crop_box()[2:]
+    input_size = pre.input_size
     with torch.no_grad():
         grid = tuple(module(torch.zeros(1, 3, *input_size)).shape[1:3])
 

@@ -23,15 +23,41 @@ class Inspection:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-class Inspector:
-    """Scores RGB images with an artifact; one instance per camera/thread."""
+DISTANCES = ("cpu", "cuda", "cuda-fp16")
 
-    def __init__(self, artifact: Artifact | str | Path, engine: str = "onnxruntime", **engine_options: object) -> None:
+
+class Inspector:
+    """Scores RGB images with an artifact; one instance per camera/thread.
+
+    ``distance`` picks where patches meet the memory bank: "cpu" (numpy BLAS) or the CUDA
+    kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16"). ``precision``
+    picks the artifact's fp32 model or its INT8 one (``patchline quantize``).
+    """
+
+    def __init__(
+        self,
+        artifact: Artifact | str | Path,
+        engine: str = "onnxruntime",
+        distance: str = "cpu",
+        precision: str = "fp32",
+        **engine_options: object,
+    ) -> None:
+        if distance not in DISTANCES:
+            raise ValueError(f"distance {distance!r}: expected one of {', '.join(DISTANCES)}")
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
+        self.precision = precision
+        self.model_file = self.artifact.model_file(precision)
+        if precision != "fp32":  # engines run the manifest's fp32 model unless told another file
+            engine_options["model_file"] = self.model_file
         self.engine = create_engine(engine, self.artifact, **engine_options)
         self.bank = MemoryBank(self.artifact.bank)
+        self.nearest = self.bank.nearest
+        if distance != "cpu":
+            from patchline.runtime.gpu_distance import GpuNearest
+
+            self.nearest = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32").nearest
         self.num_neighbors = manifest.num_neighbors
 
     def warm_up(self) -> None:
@@ -40,33 +66,40 @@ class Inspector:
 
     def inspect(self, rgb: np.ndarray) -> Inspection:
         """Score one RGB uint8 image of any size."""
+        return self.inspect_batch([rgb])[0]
+
+    def inspect_batch(self, images: list[np.ndarray]) -> list[Inspection]:
+        """Score RGB uint8 images as one batch; each result's timings_ms are those of the whole batch."""
         clock = time.perf_counter
         t0 = clock()
-        batch = self.preprocess([rgb])
+        batch = self.preprocess(images)
         t1 = clock()
-        embedding = self.engine(batch)[0]
+        embeddings = self.engine(batch)
         t2 = clock()
-        h, w, dim = embedding.shape
-        patches = embedding.reshape(h * w, dim)
-        dist, idx = self.bank.nearest(patches, 1)
+        count, h, w, dim = embeddings.shape
+        patches = embeddings.reshape(count, h * w, dim)
+        dist, idx = self.nearest(patches.reshape(count * h * w, dim), 1)
+        dist, idx = dist[:, 0].reshape(count, h * w), idx[:, 0].reshape(count, h * w)
         t3 = clock()
-        dist, idx = dist[:, 0], idx[:, 0]
-        score, top = image_score(self.bank, patches, dist, idx, self.num_neighbors)
         crop_top, crop_left, in_h, in_w = self.preprocess.crop_box()
-        amap = anomaly_map(dist.reshape(h, w), (in_h, in_w))
-        if (in_h, in_w) != self.preprocess.image_size:  # a centre crop: the margin was not inspected (0)
-            full = np.zeros(self.preprocess.image_size, np.float32)
-            full[crop_top : crop_top + in_h, crop_left : crop_left + in_w] = amap
-            amap = full
-        t4 = clock()
-        row, col = divmod(top, w)
-        src_h, src_w = rgb.shape[:2]
         size_h, size_w = self.preprocess.image_size
-        location = (
-            int((crop_left + (col + 0.5) * in_w / w) * src_w / size_w),
-            int((crop_top + (row + 0.5) * in_h / h) * src_h / size_h),
-        )
+        scored = []
+        for i, rgb in enumerate(images):
+            score, top = image_score(self.bank, patches[i], dist[i], idx[i], self.num_neighbors)
+            amap = anomaly_map(dist[i].reshape(h, w), (in_h, in_w))
+            if (in_h, in_w) != (size_h, size_w):  # a centre crop: the margin was not inspected (0)
+                full = np.zeros((size_h, size_w), np.float32)
+                full[crop_top : crop_top + in_h, crop_left : crop_left + in_w] = amap
+                amap = full
+            row, col = divmod(top, w)
+            src_h, src_w = rgb.shape[:2]
+            location = (
+                int((crop_left + (col + 0.5) * in_w / w) * src_w / size_w),
+                int((crop_top + (row + 0.5) * in_h / h) * src_h / size_h),
+            )
+            scored.append((score, amap, location))
+        t4 = clock()
         timings = {"preprocess": t1 - t0, "backbone": t2 - t1, "distance": t3 - t2, "score": t4 - t3}
         timings = {k: round(v * 1000.0, 3) for k, v in timings.items()}
         timings["total"] = round((t4 - t0) * 1000.0, 3)
-        return Inspection(score=score, anomaly_map=amap, location=location, timings_ms=timings)
+        return [Inspection(score=s, anomaly_map=a, location=loc, timings_ms=dict(timings)) for s, a, loc in scored]

@@ -134,9 +134,14 @@ class Preprocessor:
         if self.center_crop and not all(0 < c <= s for c, s in zip(self.center_crop, self.image_size)):
             raise ValueError(f"centre crop {self.center_crop} does not fit in the resized image {self.image_size}")
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the network's input: the centre crop, else the resized image."""
+        return self.center_crop or self.image_size
+
     def crop_box(self) -> tuple[int, int, int, int]:
         """(top, left, height, width) of the network input within the resized image; offsets as torchvision rounds them."""
-        height, width = self.center_crop or self.image_size
+        height, width = self.input_size
         return round((self.image_size[0] - height) / 2), round((self.image_size[1] - width) / 2), height, width
 
     def resize_image(self, rgb: np.ndarray) -> np.ndarray:

@@ -144,7 +144,7 @@ def test_lightning_checkpoint_with_default_preprocessing_scores_as_anomalib(tmp_
 
     main(["import-anomalib", str(checkpoint), "--out", str(tmp_path / "artifact")])
     manifest = load_artifact(tmp_path / "artifact").manifest
-    assert (manifest.preprocess.image_size, manifest.preprocess.center_crop) == ((256, 256), (224, 224))
+    assert (manifest.preprocess.image_size, manifest.preprocess.input_size) == ((256, 256), (224, 224))
     assert manifest.model.patch_grid == (28, 28) and manifest.num_neighbors == 9
 
     paths = list_images(data_256 / "test")
