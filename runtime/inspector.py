@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
+from patchline.runtime.bank_index import SEARCH_DIMS, read_index
 from patchline.runtime.engine import create_engine
 from patchline.runtime.score import MemoryBank, anomaly_map, image_score
 
@@ -26,12 +27,19 @@ class Inspection:
 class Inspector:
     """Scores RGB images with an artifact; one instance per camera/thread."""
 
-    def __init__(self, artifact: Artifact | str | Path, engine: str = "onnxruntime", **engine_options: object) -> None:
+    def __init__(
+        self,
+        artifact: Artifact | str | Path,
+        engine: str = "onnxruntime",
+        approximate: bool = False,
+        search_dims: int = SEARCH_DIMS,
+        **engine_options: object,
+    ) -> None:
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
         self.engine = create_engine(engine, self.artifact, **engine_options)
-        self.bank = MemoryBank(self.artifact.bank)
+        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate)
         self.num_neighbors = manifest.num_neighbors
 
     def warm_up(self) -> None:
@@ -52,12 +60,13 @@ class Inspector:
         t3 = clock()
         dist, idx = dist[:, 0], idx[:, 0]
         score, top = image_score(self.bank, patches, dist, idx, self.num_neighbors)
-        amap = anomaly_map(dist.reshape(h, w), self.preprocess.image_size)
         t4 = clock()
+        amap = anomaly_map(dist.reshape(h, w), self.preprocess.image_size)
+        t5 = clock()
         row, col = divmod(top, w)
         src_h, src_w = rgb.shape[:2]
         location = (int((col + 0.5) * src_w / w), int((row + 0.5) * src_h / h))
-        timings = {"preprocess": t1 - t0, "backbone": t2 - t1, "distance": t3 - t2, "score": t4 - t3}
+        timings = {"preprocess": t1 - t0, "backbone": t2 - t1, "distance": t3 - t2, "reweight": t4 - t3, "map": t5 - t4}
         timings = {k: round(v * 1000.0, 3) for k, v in timings.items()}
-        timings["total"] = round((t4 - t0) * 1000.0, 3)
+        timings["total"] = round((t5 - t0) * 1000.0, 3)
         return Inspection(score=score, anomaly_map=amap, location=location, timings_ms=timings)
