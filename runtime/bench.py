@@ -194,7 +194,7 @@ def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, 
             index.knn if search in ("exact", "approximate") else None,
         )
         own = copy.copy(inspector)  # same engine and preprocessing, its own bank search
-        own.bank = MemoryBank(bank, variant_index, options.dims, approximate=search == "approximate")
+        own.bank = MemoryBank(bank, variant_index, options.dims, search == "approximate", options.threads)
         variants.append(Variant(spec, search, key, own))
     return variants
 

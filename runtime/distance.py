@@ -9,7 +9,12 @@ projection before any full-dimension arithmetic.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 # Bank rows per block: bounds the temporary distance matrix to queries × BLOCK floats.
 BLOCK_ROWS = 4096
@@ -19,6 +24,16 @@ QUERY_BLOCK = 64
 # checked by the blocked GEMM instead: gathering its rows would cost more than streaming the bank.
 CANDIDATE_FRACTION = 1 / 16
 UNIT_ROUNDOFF = 2.0**-24  # float32
+
+
+_blas_controller: ThreadpoolController | None = None
+
+
+def _single_threaded_blas() -> AbstractContextManager:
+    global _blas_controller
+    if _blas_controller is None:  # inspects the loaded libraries once
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
 
 
 def squared_norms(x: np.ndarray) -> np.ndarray:
@@ -143,10 +158,18 @@ class ProjectedSearch:
     """
 
     def __init__(
-        self, bank: np.ndarray, bank_sq: np.ndarray, mean: np.ndarray, basis: np.ndarray, approximate: bool = False
+        self,
+        bank: np.ndarray,
+        bank_sq: np.ndarray,
+        mean: np.ndarray,
+        basis: np.ndarray,
+        approximate: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.bank, self.bank_sq = bank, bank_sq
         self.approximate = approximate
+        self.workers = max(1, threads or os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="patchline-search")
         self.mean = mean.astype(np.float64)
         # Re-orthonormalise in float64: the bound needs |Pᵀv| ≤ |v| exactly, not up to float32 storage.
         self.basis = np.linalg.qr(basis.astype(np.float64))[0]
@@ -183,25 +206,44 @@ class ProjectedSearch:
 
     def nearest(self, x: np.ndarray, block: int = QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
         """Nearest bank row of every query row: distances and indices, both (n,)."""
+        n = x.shape[0]
+        blocks = -(-n // block)
+        cuts = [min(n, block * (blocks * i // self.workers)) for i in range(self.workers + 1)]
+        ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+        # Whole query blocks per worker thread, each with single-threaded BLAS: the numpy passes
+        # between the GEMMs run in parallel too, and no BLAS pool spins against ONNX Runtime's.
+        with _single_threaded_blas():
+            parts = list(self._pool.map(lambda r: self._search(x[r[0] : r[1]], block), ranges))
+        dist = np.concatenate([p[0] for p in parts])
+        index = np.concatenate([p[1] for p in parts])
+        far = np.concatenate([p[2] + a for p, (a, _) in zip(parts, ranges)])
+        if far.size:
+            index[far] = nearest(x[far], self.bank, 1, self.bank_sq)[1][:, 0]
+            dist[far] = np.sqrt(_direct_sq(x[far], self.bank[index[far]]))
+        return dist, index
+
+    def _search(self, x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Distances, rows, and the queries left with too many candidates (for the blocked search)."""
         n, m = x.shape[0], self.bank.shape[0]
         lifted, query_sq = self._lift_queries(x)
         first = np.empty(n, np.int64)
+        first_sq = np.empty(n, np.float32)
         bounds = np.empty((min(block, n), m), np.float32)
         mask = np.zeros((min(block, n), -(-m // 8) * 8), bool)
         most = max(1, int(m * CANDIDATE_FRACTION))
-        pair_q, pair_b, crowded = [np.arange(n)], [first], []
+        pair_q, pair_b, crowded = [], [], [np.zeros(0, np.int64)]
         for start in range(0, n, block):
             stop = min(start + block, n)
             part = bounds[: stop - start]
             np.matmul(lifted[start:stop], self.lifted.T, out=part)  # bound² − |x̂|²
             best = part.argmin(axis=1)
             first[start:stop] = best
+            first_sq[start:stop] = _direct_sq(x[start:stop], self.bank[best])
             if self.approximate:
                 continue
-            upper_sq = _direct_sq(x[start:stop], self.bank[best]).astype(np.float64)
             # Keep row j unless bound²(j) − margin > upper²: then j cannot be nearer than the row found.
             margin = self.gamma * (query_sq[start:stop] + 2.0 * self.max_sq)
-            limit = upper_sq * (1.0 + 1e-5) + margin - query_sq[start:stop]
+            limit = first_sq[start:stop].astype(np.float64) * (1.0 + 1e-5) + margin - query_sq[start:stop]
             limit = np.nextafter(limit.astype(np.float32), np.float32(np.inf))
             rows_mask = mask[: stop - start]
             np.less_equal(part, limit[:, None], out=rows_mask[:, :m])
@@ -209,21 +251,16 @@ class ProjectedSearch:
             many = np.bincount(q, minlength=stop - start) > most
             if many.any():
                 crowded.append(np.flatnonzero(many) + start)
-                keep = ~many[q]
-                q, b = q[keep], b[keep]
-            pair_q.append(q + start)
-            pair_b.append(b)
+            keep = (b != best[q]) & ~many[q]  # the first row is checked already
+            pair_q.append(q[keep] + start)
+            pair_b.append(b[keep])
         if self.approximate:
-            return np.sqrt(_direct_sq(x, self.bank[first])), first
+            return np.sqrt(first_sq), first, crowded[0]
         q, b = np.concatenate(pair_q), np.concatenate(pair_b)
-        dist_sq = _direct_sq(x[q], self.bank[b])
+        dist_sq = np.concatenate([first_sq, _direct_sq(x[q], self.bank[b])])
+        q, b = np.concatenate([np.arange(n), q]), np.concatenate([first, b])
         order = np.lexsort((b, dist_sq, q))  # per query: smallest distance, then lowest row
         q, b, dist_sq = q[order], b[order], dist_sq[order]
         head = np.ones(len(q), bool)
         head[1:] = q[1:] != q[:-1]
-        dist, index = np.sqrt(dist_sq[head]), b[head]
-        if crowded:
-            far = np.concatenate(crowded)
-            index[far] = nearest(x[far], self.bank, 1, self.bank_sq)[1][:, 0]
-            dist[far] = np.sqrt(_direct_sq(x[far], self.bank[index[far]]))
-        return dist, index
+        return np.sqrt(dist_sq[head]), b[head], np.concatenate(crowded)

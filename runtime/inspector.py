@@ -39,7 +39,8 @@ class Inspector:
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
         self.engine = create_engine(engine, self.artifact, **engine_options)
-        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate)
+        threads = engine_options.get("threads")
+        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads)
         self.num_neighbors = manifest.num_neighbors
 
     def warm_up(self) -> None:

@@ -25,7 +25,12 @@ class MemoryBank:
     """
 
     def __init__(
-        self, rows: np.ndarray, index: BankIndex | None = None, dims: int = SEARCH_DIMS, approximate: bool = False
+        self,
+        rows: np.ndarray,
+        index: BankIndex | None = None,
+        dims: int = SEARCH_DIMS,
+        approximate: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
         self.sq_norms = squared_norms(self.rows)
@@ -33,7 +38,8 @@ class MemoryBank:
         self.knn = index.knn
         self.search = None
         if index.basis is not None:
-            self.search = ProjectedSearch(self.rows, self.sq_norms, index.mean, index.basis[:, :dims], approximate)
+            basis = index.basis[:, :dims]
+            self.search = ProjectedSearch(self.rows, self.sq_norms, index.mean, basis, approximate, threads)
         elif approximate:
             raise ValueError("the approximate search needs the bank projection, which this artifact lacks")
 
