@@ -26,6 +26,10 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 BANK_FILE = "memory_bank.npy"
+# The INT8 model is an extra file (checksummed like the others), found by this key in extra_files.
+INT8_KEY = "int8_model"
+INT8_MODEL_FILE = "model.int8.onnx"
+PRECISIONS = ("fp32", "int8")
 
 
 class ArtifactError(ValueError):
@@ -140,6 +144,16 @@ class Artifact:
 
     def file(self, name: str) -> Path:
         return self.folder / name
+
+    def model_file(self, precision: str = "fp32") -> str:
+        """The ONNX file to run for ``precision``: the exported fp32 model or its INT8 quantisation."""
+        if precision == "fp32":
+            return self.manifest.model.file
+        if precision == "int8":
+            if INT8_KEY not in self.manifest.extra_files:
+                raise ArtifactError(f"{self.folder}: no INT8 model; create one with `patchline quantize`")
+            return self.manifest.extra_files[INT8_KEY]
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
 def read_manifest(folder: str | Path) -> Manifest:

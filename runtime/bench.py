@@ -221,24 +221,25 @@ def _reference(variants: list[Variant]) -> Variant:
 
 
 def _accuracy(variants: list[Variant], data: Path) -> dict[str, dict[str, float]]:
-    """Image AUROC of every variant on DATA/test, and its largest score drift from the reference variant."""
+    """Image AUROC of every variant on DATA's MVTec test set, and its score drift from the reference variant."""
     try:
-        from patchline.calibration.evaluate import image_auroc, score_test_set
+        from patchline.calibration.dataset import mvtec_test_set
+        from patchline.calibration.metrics import image_auroc
+        from patchline.calibration.scoring import score_samples
     except ModuleNotFoundError as exc:
         raise SystemExit(f"patchline: --accuracy needs the 'calibration' extra ({exc.name} is not installed)") from exc
+    samples = mvtec_test_set(data)
     reference = _reference(variants)
-    ordered = [reference, *(v for v in variants if v is not reference)]
     results, reference_scores = {}, None
-    for variant in ordered:
-        scored = score_test_set(variant.inspector, data)
-        scores = np.array([s.inspection.score for s in scored])
-        labels = np.array([s.label for s in scored])
+    for variant in [reference, *(v for v in variants if v is not reference)]:
+        scored = score_samples(variant.inspector, samples)
+        labels = np.array([s.label for s in scored.samples])
         if reference_scores is None:
-            reference_scores = scores
-        drift = np.abs(scores - reference_scores) / np.maximum(np.abs(reference_scores), 1e-12)
+            reference_scores = scored.scores
+        drift = np.abs(scored.scores - reference_scores) / np.maximum(np.abs(reference_scores), 1e-12)
         results[variant.name] = {
-            "images": len(scores),
-            "image_auroc": round(image_auroc(labels, scores), 6),
+            "images": len(scored.scores),
+            "image_auroc": round(image_auroc(labels, scored.scores), 6),
             "drift_from": reference.name,
             "max_rel_score_drift": float(drift.max()),
             "median_rel_score_drift": float(np.median(drift)),

@@ -61,7 +61,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from patchline.runtime.overlay import heatmap_overlay, write_rgb
     from patchline.runtime.preprocess import read_image
 
-    inspector = Inspector(args.artifact, device=args.device, threads=args.threads)
+    inspector = Inspector(args.artifact, device=args.device, threads=args.threads, precision=args.precision)
     inspector.warm_up()
     failures = 0
     for path in _expand(args.images):
@@ -89,22 +89,70 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     try:
-        import numpy as np
-
-        from patchline.calibration.evaluate import image_auroc, score_test_set
+        from patchline.calibration.evaluate import evaluate_artifact
     except ModuleNotFoundError as exc:
         raise _missing_extra(exc, "calibration") from exc
-    from patchline.runtime.inspector import Inspector
 
-    inspector = Inspector(args.artifact, device=args.device, threads=args.threads)
-    scored = score_test_set(inspector, args.data)
-    print(f"{'image':<40} {'class':<15} {'score':>9} {'ms':>8}")
-    for item in scored:
-        name = str(item.path.relative_to(Path(args.data)))
-        print(f"{name:<40} {item.defect:<15} {item.inspection.score:9.4f} {item.inspection.timings_ms['total']:8.1f}")
-    labels = np.array([s.label for s in scored])
-    scores = np.array([s.inspection.score for s in scored])
-    print(f"image AUROC: {image_auroc(labels, scores):.4f}  ({labels.sum()} defective, {(labels == 0).sum()} good)")
+    report_dir = args.report or args.artifact.parent / f"{args.artifact.name}-eval"
+    report = evaluate_artifact(args.artifact, args.data, report_dir, args.precision, not args.no_int8,
+                               device=args.device, threads=args.threads)
+    calibrated = "threshold" in report
+    print(f"{'image':<40} {'class':<15} {'score':>9} {'norm':>6} {'verdict':>7} {'ms':>8}")
+    for item in report["images"]:
+        name = str(Path(item["path"]).relative_to(args.data))
+        norm, verdict = (f"{item['normalised']:6.3f}", item["verdict"]) if calibrated else ("-", "-")
+        print(f"{name:<40} {item['defect']:<15} {item['score']:9.4f} {norm:>6} {verdict:>7} {item['latency_ms']:8.1f}")
+    overall = report["overall"]
+    print(f"image AUROC {overall['image_auroc']:.4f}  pixel AUROC {overall['pixel_auroc'] or float('nan'):.4f}  "
+          f"PRO(30% FPR) {overall['pro'] or float('nan'):.4f}  ({overall['defective']} defective, {overall['good']} good)")
+    if calibrated:
+        c = overall["confusion"]
+        print(f"at threshold {report['threshold']:.4f}: F1 {overall['f1']:.3f}; NG {c['true_ng']} caught, "
+              f"{c['false_ok']} missed (false accepts); {c['false_ng']} good rejected (false rejects), {c['true_ok']} passed")
+    else:
+        print("not calibrated: no verdicts (run `patchline calibrate`)")
+    for defect, m in report["per_defect"].items():
+        print(f"  {defect:<15} AUROC {m['image_auroc']:.4f}" + (f"  caught {m['detected']:.0%}" if calibrated else ""))
+    if "int8" in report:
+        q = report["int8"]
+        print(f"int8 vs fp32: AUROC {q['image_auroc']['int8']:.4f} vs {q['image_auroc']['fp32']:.4f}; score drift max "
+              f"{q['score_drift']['max_abs']:.4g} mean {q['score_drift']['mean_abs']:.4g}; latency per frame median "
+              f"{q['latency_ms']['int8']['median']:.1f} ms vs {q['latency_ms']['fp32']['median']:.1f} ms")
+    print(f"report: {report_dir / 'index.html'}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    try:
+        from patchline.calibration.calibrate import (calibrate_scores, parse_rate, summary_lines,
+                                                     validation_scores, write_calibration)
+    except ModuleNotFoundError as exc:
+        raise _missing_extra(exc, "calibration") from exc
+    from patchline.runtime.artifact import load_artifact
+
+    artifact = load_artifact(args.artifact)
+    scores = validation_scores(artifact, args.val, args.defects, args.scores, args.precision,
+                               device=args.device, threads=args.threads)
+    if args.save_scores:
+        scores.save(args.save_scores)
+    options = {name: getattr(args, name) for name in ("quantile", "margin", "min_good", "min_defective")
+               if getattr(args, name) is not None}
+    if args.max_false_reject:
+        options["max_false_reject"] = parse_rate(args.max_false_reject)
+    calibration = calibrate_scores(scores, expect_defects=args.defects is not None, **options)
+    write_calibration(artifact, calibration)
+    print("\n".join(summary_lines(calibration)))
+    print(f"calibration written to {args.artifact / 'manifest.json'}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    try:
+        from patchline.calibration.quantize import quantize_int8
+    except ModuleNotFoundError as exc:
+        raise _missing_extra(exc, "calibration") from exc
+
+    out = quantize_int8(args.artifact, args.images, args.val, limit=args.limit, batch_size=args.batch_size,
+                        method=args.method, per_channel=not args.per_tensor)
+    print(f"INT8 model written to {out}; run it with --precision int8, compare with `patchline eval`")
 
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
@@ -156,12 +204,47 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--artifact", type=Path, required=True)
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+        p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                       help="run the fp32 model or its INT8 quantisation (patchline quantize)")
         p.set_defaults(func=func)
         if name == "score":
             p.add_argument("images", type=Path, nargs="+", help="image files or folders")
             p.add_argument("--heatmap-dir", type=Path, help="write a heatmap overlay PNG per image here")
         else:
             p.add_argument("--data", type=Path, required=True, help="MVTec-AD category folder")
+            p.add_argument("--report", type=Path, default=None,
+                           help="report folder (default: ARTIFACT-eval beside the artifact)")
+            p.add_argument("--no-int8", action="store_true", help="skip the INT8 vs fp32 comparison")
+
+    p = sub.add_parser("calibrate", help="set thresholds from validation images and write them into the manifest")
+    p.add_argument("--artifact", type=Path, required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--val", type=Path, help="good validation images: a folder, or an MVTec category (test/good)")
+    source.add_argument("--scores", type=Path, help="validation scores saved earlier with --save-scores")
+    p.add_argument("--defects", type=Path, help="labelled defects: an MVTec category (test/<defect>, ground_truth) "
+                                                "or one subfolder per defect class")
+    p.add_argument("--save-scores", type=Path, help="also save the validation scores here (.npz) for re-use")
+    p.add_argument("--max-false-reject", metavar="RATE",
+                   help="operating point: reject at most this share of good parts, e.g. 0.5%% (default: F1-optimal "
+                        "with defects, else the quantile rule)")
+    p.add_argument("--quantile", type=float, help="good-only rule: this quantile of good scores … (default 0.995)")
+    p.add_argument("--margin", type=float, help="… times this margin (default 1.1)")
+    p.add_argument("--min-good", type=int, help="refuse with fewer good validation images (default 10)")
+    p.add_argument("--min-defective", type=int, help="refuse with fewer defect images, with --defects (default 5)")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="the model the line will run")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("quantize", help="INT8 static quantisation (ONNX Runtime, QDQ) of the artifact's model")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True, help="training images: MVTec category (train/good) or folder")
+    p.add_argument("--val", type=Path, help="validation images incl. defects: MVTec category (test/) or folder")
+    p.add_argument("--limit", type=int, default=32, help="calibration images at most, spread evenly")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("sample-data", help="generate the synthetic demo data set (MVTec layout)")
     p.add_argument("out", type=Path)

@@ -31,6 +31,7 @@ class Inspector:
         self,
         artifact: Artifact | str | Path,
         engine: str = "onnxruntime",
+        precision: str = "fp32",
         approximate: bool = False,
         search_dims: int = SEARCH_DIMS,
         **engine_options: object,
@@ -38,6 +39,11 @@ class Inspector:
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
+        self.precision = precision
+        # An explicit model file (the benchmark's NAME@FILE variants) wins over the precision's.
+        self.model_file = str(engine_options.get("model_file") or self.artifact.model_file(precision))
+        if self.model_file != manifest.model.file:  # engines run the manifest's fp32 model unless told another file
+            engine_options["model_file"] = self.model_file
         self.engine = create_engine(engine, self.artifact, **engine_options)
         threads = engine_options.get("threads")
         self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads)

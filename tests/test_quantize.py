@@ -1,0 +1,80 @@
+"""The calibration batches shared by the ONNX Runtime quantiser and the TensorRT calibrator."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from patchline.calibration.quantize import CalibrationBatches, calibration_images, ort_reader
+from patchline.runtime.artifact import load_artifact
+from patchline.runtime.preprocess import list_images, read_image
+
+
+def test_calibration_images_take_train_good_and_validation_test_spread_evenly(sample_data, tmp_path):
+    train = list_images(sample_data / "train" / "good")
+    test = list_images(sample_data / "test")
+    assert calibration_images(sample_data) == train  # a category alone: its train/good, never its test set
+    both = calibration_images(sample_data, sample_data)
+    assert both == train + test
+    picked = calibration_images(sample_data, sample_data, limit=5)
+    assert len(picked) == 5 and picked[0] == both[0] and picked[-1] == both[-1]
+    with pytest.raises(ValueError, match="no images to calibrate"):
+        calibration_images(tmp_path)
+
+
+def test_batches_are_the_runtime_preprocessing_and_skip_bad_images(small_artifact, sample_data, tmp_path):
+    for path in list_images(sample_data / "train" / "good"):
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "zz_broken.png").write_bytes(b"\x89PNG not really")
+    preprocess = load_artifact(small_artifact).manifest.preprocess.preprocessor()
+    batches = CalibrationBatches(preprocess, list_images(tmp_path), batch_size=3)
+
+    got = list(batches)
+    assert [len(b) for b in got] == [3, 3, 2]  # 8 readable images; the short last batch is kept
+    assert len(batches.skipped) == 1 and "zz_broken.png" in batches.skipped[0]
+    expected = preprocess([read_image(p) for p in list_images(sample_data / "train" / "good")])
+    np.testing.assert_array_equal(np.concatenate(got), expected)
+    assert all(b.dtype == np.float32 and b.flags.c_contiguous for b in got)
+    again = list(batches)  # iterable again, for calibrators that pass over the data twice
+    np.testing.assert_array_equal(np.concatenate(again), expected)
+    assert len(batches.skipped) == 1
+
+
+def test_ort_reader_feeds_batches_by_input_name_and_rewinds(small_artifact, sample_data):
+    manifest = load_artifact(small_artifact).manifest
+    batches = CalibrationBatches(manifest.preprocess.preprocessor(), list_images(sample_data / "train" / "good"), 4)
+    reader = ort_reader(batches, manifest.preprocess.input_name)
+    first = [reader.get_next() for _ in range(3)]
+    assert first[2] is None and all(set(f) == {manifest.preprocess.input_name} for f in first[:2])
+    reader.rewind()
+    np.testing.assert_array_equal(reader.get_next()[manifest.preprocess.input_name], first[0][manifest.preprocess.input_name])
+
+
+def test_tensorrt_calibrator_builds_an_int8_engine_and_writes_its_cache(small_artifact, sample_data, tmp_path):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU boxes only: pip install 'patchline[gpu]')")
+    try:
+        import pycuda.autoinit  # noqa: F401
+    except Exception as exc:  # ImportError, or pycuda's error when there is no CUDA device
+        pytest.skip(f"pycuda/CUDA not usable here: {exc}")
+    from patchline.calibration.tensorrt_calibrator import artifact_calibrator, cache_path
+
+    artifact = load_artifact(small_artifact)
+    engine_path = tmp_path / "model.plan"
+    calibrator = artifact_calibrator(small_artifact, sample_data, engine_path, batch_size=2, limit=8)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(artifact.model_path.read_bytes()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.INT8)
+    config.int8_calibrator = calibrator
+    height, width = artifact.manifest.preprocess.image_size
+    profile = builder.create_optimization_profile()
+    shape = (2, 3, height, width)
+    profile.set_shape(artifact.manifest.preprocess.input_name, (1, 3, height, width), shape, shape)
+    config.add_optimization_profile(profile)
+    config.set_calibration_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None
+    assert cache_path(engine_path).stat().st_size > 0
