@@ -10,8 +10,9 @@ frame, so load from other processes spreads over all of them alike. Results go t
 Variant names: ``plain`` (no bank index: the blocked GEMM search and a bank-wide search
 for the reweighting, as an artifact exported without the index gets), ``projected``
 (projection-bound search, bank-wide reweighting), ``exact`` (projection + k-NN graph:
-the default runtime path), ``approximate`` (opt-in). ``NAME@FILE`` runs it with another
-model file of the artifact, e.g. ``exact@model.int8.onnx``.
+the default runtime path), ``approximate`` (opt-in). ``NAME:DIMS`` projects on DIMS
+directions instead of the default; ``NAME@FILE`` runs it with another model file of the
+artifact, e.g. ``exact@model.int8.onnx``.
 """
 
 from __future__ import annotations
@@ -181,8 +182,9 @@ def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, 
     variants = []
     for spec in options.variants:
         search, _, model_file = spec.partition("@")
-        if search not in SEARCHES:
-            raise ValueError(f"unknown bench variant {spec!r}; searches: {', '.join(SEARCHES)} (optionally @MODEL_FILE)")
+        search, _, dims = search.partition(":")
+        if search not in SEARCHES or (dims and not dims.isdigit()):
+            raise ValueError(f"unknown bench variant {spec!r}; searches: {', '.join(SEARCHES)} (NAME[:DIMS][@MODEL_FILE])")
         key = model_file or None
         if key not in inspectors:
             inspectors[key] = Inspector(artifact, device="cpu", threads=options.threads, model_file=key,
@@ -194,7 +196,7 @@ def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, 
             index.knn if search in ("exact", "approximate") else None,
         )
         own = copy.copy(inspector)  # same engine and preprocessing, its own bank search
-        own.bank = MemoryBank(bank, variant_index, options.dims, search == "approximate", options.threads)
+        own.bank = MemoryBank(bank, variant_index, int(dims or options.dims), search == "approximate", options.threads)
         variants.append(Variant(spec, search, key, own))
     return variants
 

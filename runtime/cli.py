@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime and torch intra-op threads")
     p.add_argument("--variants", default="exact",
-                   help="comma list of plain, projected, exact, approximate; NAME@MODEL_FILE for another model file")
+                   help="comma list of plain, projected, exact, approximate; NAME:DIMS for other projected dims, "
+                        "NAME@MODEL_FILE for another model file")
     p.add_argument("--model-file", help="model file of the artifact for every variant, e.g. model.int8.onnx")
     p.add_argument("--dims", type=int, default=None, help="projected dimensions of the bound search")
     p.add_argument("--bank-size", type=int, help="subsample the bank to this many rows (or size of --random-bank)")
