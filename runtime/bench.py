@@ -104,7 +104,10 @@ def model_gflop(path: Path) -> float | None:
         v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*graph.value_info, *graph.output)
     }
     weights = {init.name: list(init.dims) for init in graph.initializer}
-    # Quantised nodes keep their weight at another input position.
+    for node in graph.node:  # weights reach nodes through Identity (shared) or DequantizeLinear (QDQ)
+        if node.op_type in ("Identity", "DequantizeLinear") and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
+    # Quantised operator-format nodes keep their weight at another input position.
     weight_input = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "MatMul": 1, "Gemm": 1, "MatMulInteger": 1}
     flops = 0.0
     for node in graph.node:
