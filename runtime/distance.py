@@ -10,8 +10,11 @@ projection before any full-dimension arithmetic.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -24,16 +27,50 @@ QUERY_BLOCK = 64
 # checked by the blocked GEMM instead: gathering its rows would cost more than streaming the bank.
 CANDIDATE_FRACTION = 1 / 16
 UNIT_ROUNDOFF = 2.0**-24  # float32
+T = TypeVar("T")
 
 
-_blas_controller: ThreadpoolController | None = None
+_WORKERS = os.cpu_count() or 1
+_pool: ThreadPoolExecutor | None = None
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
 
 
-def _single_threaded_blas() -> AbstractContextManager:
-    global _blas_controller
-    if _blas_controller is None:  # inspects the loaded libraries once
-        _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=1, user_api="blas")
+@contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """BLAS at one thread while any search runs (searches of several cameras may overlap)."""
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = ThreadpoolController().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+
+
+def in_row_chunks(fn: Callable[[np.ndarray], T], x: np.ndarray, threads: int | None = None, align: int = 1) -> list[T]:
+    """``fn`` on up to ``threads`` contiguous row ranges of ``x`` (multiples of ``align`` rows), in worker threads.
+
+    BLAS is held to one thread meanwhile: the numpy passes between GEMMs then run in parallel
+    too, and no BLAS pool is left spinning to fight ONNX Runtime's threads on the next frame
+    (measured: `patchline bench`, README).
+    """
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="patchline-search")
+    n = x.shape[0]
+    units = -(-n // align)
+    parts = max(1, min(threads or _WORKERS, _WORKERS, units))
+    cuts = [min(n, align * (units * i // parts)) for i in range(parts + 1)]
+    ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(0, n)]
+    with _single_threaded_blas():
+        return list(_pool.map(lambda r: fn(x[r[0] : r[1]]), ranges))
 
 
 def squared_norms(x: np.ndarray) -> np.ndarray:
@@ -64,20 +101,33 @@ def euclidean_dist(
 
 
 def nearest(
-    x: np.ndarray, bank: np.ndarray, k: int = 1, bank_sq: np.ndarray | None = None, block: int = BLOCK_ROWS
+    x: np.ndarray,
+    bank: np.ndarray,
+    k: int = 1,
+    bank_sq: np.ndarray | None = None,
+    block: int = BLOCK_ROWS,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest bank rows of every query row: distances and indices, both (n, k), ascending.
 
-    The bank is walked in blocks so memory stays at n × block floats whatever its size.
+    The bank is walked in blocks so memory stays at n × block floats whatever its size; the
+    queries are split over ``threads`` worker threads (default: one per core).
     """
-    n, m = x.shape[0], bank.shape[0]
+    m = bank.shape[0]
     if not 1 <= k <= m:
         raise ValueError(f"k={k} must be between 1 and the bank size {m}")
     if bank_sq is None:
         bank_sq = squared_norms(bank)
+    search = _nearest_one if k == 1 else _nearest_k
+    parts = in_row_chunks(lambda chunk: search(chunk, bank, k, bank_sq, block), x, threads)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _nearest_k(
+    x: np.ndarray, bank: np.ndarray, k: int, bank_sq: np.ndarray, block: int
+) -> tuple[np.ndarray, np.ndarray]:
+    n, m = x.shape[0], bank.shape[0]
     x_sq = squared_norms(x)
-    if k == 1:
-        return _nearest_one(x, x_sq, bank, bank_sq, block)
     rows = np.arange(n)[:, None]
     best_d = np.full((n, 0), np.inf, np.float32)
     best_i = np.zeros((n, 0), np.int64)
@@ -95,7 +145,7 @@ def nearest(
 
 
 def _nearest_one(
-    x: np.ndarray, x_sq: np.ndarray, bank: np.ndarray, bank_sq: np.ndarray, block: int
+    x: np.ndarray, bank: np.ndarray, k: int, bank_sq: np.ndarray, block: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """k = 1 with the minimum fused into the blocked GEMM: three passes over each block, no concatenation.
 
@@ -103,6 +153,7 @@ def _nearest_one(
     whole block; scaling x by −2 is exact in floating point.
     """
     n, m = x.shape[0], bank.shape[0]
+    x_sq = squared_norms(x)
     rows = np.arange(n)
     minus_2x = np.float32(-2.0) * x
     best = np.full(n, np.inf, np.float32)
@@ -168,8 +219,7 @@ class ProjectedSearch:
     ) -> None:
         self.bank, self.bank_sq = bank, bank_sq
         self.approximate = approximate
-        self.workers = max(1, threads or os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="patchline-search")
+        self.threads = threads
         self.mean = mean.astype(np.float64)
         # Re-orthonormalise in float64: the bound needs |Pᵀv| ≤ |v| exactly, not up to float32 storage.
         self.basis = np.linalg.qr(basis.astype(np.float64))[0]
@@ -206,19 +256,13 @@ class ProjectedSearch:
 
     def nearest(self, x: np.ndarray, block: int = QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
         """Nearest bank row of every query row: distances and indices, both (n,)."""
-        n = x.shape[0]
-        blocks = -(-n // block)
-        cuts = [min(n, block * (blocks * i // self.workers)) for i in range(self.workers + 1)]
-        ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-        # Whole query blocks per worker thread, each with single-threaded BLAS: the numpy passes
-        # between the GEMMs run in parallel too, and no BLAS pool spins against ONNX Runtime's.
-        with _single_threaded_blas():
-            parts = list(self._pool.map(lambda r: self._search(x[r[0] : r[1]], block), ranges))
+        parts = in_row_chunks(lambda chunk: self._search(chunk, block), x, self.threads, align=block)
         dist = np.concatenate([p[0] for p in parts])
         index = np.concatenate([p[1] for p in parts])
-        far = np.concatenate([p[2] + a for p, (a, _) in zip(parts, ranges)])
+        offsets = np.cumsum([0, *(len(p[0]) for p in parts[:-1])])
+        far = np.concatenate([p[2] + offset for p, offset in zip(parts, offsets)])
         if far.size:
-            index[far] = nearest(x[far], self.bank, 1, self.bank_sq)[1][:, 0]
+            index[far] = nearest(x[far], self.bank, 1, self.bank_sq, threads=self.threads)[1][:, 0]
             dist[far] = np.sqrt(_direct_sq(x[far], self.bank[index[far]]))
         return dist, index
 

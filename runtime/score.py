@@ -35,6 +35,7 @@ class MemoryBank:
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
         self.sq_norms = squared_norms(self.rows)
         index = index or BankIndex()
+        self.threads = threads
         self.knn = index.knn
         self.search = None
         if index.basis is not None:
@@ -50,13 +51,13 @@ class MemoryBank:
         if k == 1 and self.search is not None:
             dist, index = self.search.nearest(x)
             return dist[:, None], index[:, None]
-        return nearest(x, self.rows, k, self.sq_norms)
+        return nearest(x, self.rows, k, self.sq_norms, threads=self.threads)
 
     def neighbours(self, row: int, k: int) -> np.ndarray:
         """The ``k`` nearest bank rows of bank row ``row`` (itself first): from the graph when it has them."""
         if self.knn is not None and self.knn.shape[1] >= k:
             return self.knn[row, :k].astype(np.int64)
-        return nearest(self.rows[row : row + 1], self.rows, k, self.sq_norms)[1][0]
+        return nearest(self.rows[row : row + 1], self.rows, k, self.sq_norms, threads=self.threads)[1][0]
 
 
 def reweight(
