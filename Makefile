@@ -7,7 +7,7 @@ CONFIG ?= configs/default.yaml
 IMAGES ?= $(DEMO)/data
 ARTIFACT ?= artifacts/model
 
-.PHONY: demo test export system-deps venv clean bench
+.PHONY: demo test export system-deps venv clean engine bench bench-gpu install
 
 # Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
 system-deps:
@@ -27,14 +27,45 @@ venv: system-deps $(BIN)/patchline
 demo: venv
 	$(BIN)/patchline sample-data $(DEMO)/data
 	$(BIN)/patchline export --config configs/demo.yaml --images $(DEMO)/data --out $(DEMO)/artifact
+	$(BIN)/patchline sample-data $(DEMO)/val --train 0 --test-good 20 --per-defect 6 --seed 1
+	$(BIN)/patchline calibrate --artifact $(DEMO)/artifact --val $(DEMO)/val --defects $(DEMO)/val
+	$(BIN)/patchline quantize --artifact $(DEMO)/artifact --images $(DEMO)/data --val $(DEMO)/val
 	$(BIN)/patchline eval --artifact $(DEMO)/artifact --data $(DEMO)/data
+	$(BIN)/python -m patchline.runtime.demo --dir $(DEMO)
 
 export: venv
 	$(BIN)/patchline export --config $(CONFIG) --images $(IMAGES) --out $(ARTIFACT)
 
+# GPU box only: TensorRT (the 'gpu' extra, or JetPack's python3-libnvinfer via --system-site-packages),
+# pycuda and the NVIDIA driver. The engine is cached per ONNX, TensorRT version, GPU and precision.
+engine: venv
+	$(BIN)/patchline engine --artifact $(ARTIFACT) --config $(CONFIG)
+
+# Engine, distance kernel vs cuBLAS (needs CuPy), end to end; JSON under bench/results/.
+BENCH_ARTIFACT ?= $(DEMO)/artifact
+bench-gpu: venv
+	test -f $(BENCH_ARTIFACT)/manifest.json || $(MAKE) demo
+	$(BIN)/patchline bench-gpu --artifact $(BENCH_ARTIFACT) --config $(CONFIG)
+
 # pytest exits 5 when it collects no test: not a failure of the code under test.
 test: venv
 	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+# The daemon as a systemd service (as root): a venv in $(PREFIX), a system user, the unit patchline@.service.
+# Then: write /etc/patchline/<camera>.yaml (see configs/line.yaml), the MQTT password (if any) to
+# /etc/patchline/credentials/<camera>.mqtt-password, and `systemctl enable --now patchline@<camera>`.
+PREFIX ?= /opt/patchline
+UNIT_DIR ?= /etc/systemd/system
+install: system-deps
+	id -u patchline >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent \
+	  --shell /usr/sbin/nologin --user-group --groups video patchline
+	$(PYTHON) -m venv --system-site-packages $(PREFIX)/venv
+	$(PREFIX)/venv/bin/pip install -q -c constraints.txt .
+	install -d -m 0755 /etc/patchline
+	install -d -m 0700 /etc/patchline/credentials
+	install -m 0644 configs/line.yaml /etc/patchline/example.yaml.sample
+	sed 's|/opt/patchline|$(PREFIX)|g' deploy/patchline@.service > $(UNIT_DIR)/patchline@.service
+	systemctl daemon-reload 2>/dev/null || true
 
 clean:
 	rm -rf $(DEMO) artifacts .pytest_cache

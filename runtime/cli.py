@@ -14,6 +14,7 @@ from pathlib import Path
 
 from patchline.runtime.artifact import ArtifactError
 from patchline.runtime.config import ConfigError
+from patchline.runtime.cuda_device import GpuUnavailable
 from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, list_images
 
 log = logging.getLogger("patchline")
@@ -33,6 +34,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     except ModuleNotFoundError as exc:
         raise _missing_extra(exc, "export") from exc
     manifest = export_artifact(config, args.images, args.out, progress=not args.quiet)
+    engine = _prepare_engine(args.out, config.tensorrt, args.device) if args.engine == "trt" else None
     print(json.dumps({
         "artifact": str(args.out),
         "model_id": manifest.model_id,
@@ -41,7 +43,41 @@ def cmd_export(args: argparse.Namespace) -> None:
         "images_skipped": manifest.training.images_skipped,
         "timings_s": manifest.training.timings_s,
         "onnx_max_abs_diff": manifest.model.onnx_max_abs_diff,
+        **({"tensorrt": engine} if engine else {}),
     }))
+
+
+def _prepare_engine(artifact_dir: Path, settings, device: str) -> dict[str, object]:  # noqa: ANN001 - TensorRtConfig
+    """Build (or check) the TensorRT engine for an artifact on this machine's GPU."""
+    from patchline.runtime.artifact import load_artifact
+    from patchline.runtime.cuda_device import CudaDevice
+    from patchline.runtime.trt_build import prepare_engine
+
+    artifact = load_artifact(artifact_dir)
+    gpu = CudaDevice(device)  # engines are built on the GPU that will run them
+    path, built = prepare_engine(artifact, settings, gpu)
+    return {"engine": str(path), "built": built, "precision": settings.precision,
+            "batch_profile": list(settings.batch_profile), "gpu": gpu.name}
+
+
+def cmd_engine(args: argparse.Namespace) -> None:
+    from patchline.runtime.config import load_config
+
+    settings = load_config(args.config, args.set).tensorrt
+    if args.check:
+        settings = settings.model_copy(update={"build": False})
+    print(json.dumps(_prepare_engine(args.artifact, settings, args.device)))
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> None:
+    from patchline.runtime.bench_gpu import run_benchmark, write_results
+    from patchline.runtime.config import load_config
+
+    settings = load_config(args.config, args.set).tensorrt
+    results = run_benchmark(args.artifact, args.repeats, args.batch, args.bank_rows, settings)
+    path = write_results(results, args.out)
+    print(json.dumps(results, indent=2))
+    print(f"results written to {path}", file=sys.stderr)
 
 
 def _expand(paths: list[Path]) -> list[Path]:
@@ -61,7 +97,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     from patchline.runtime.overlay import heatmap_overlay, write_rgb
     from patchline.runtime.preprocess import read_image
 
-    inspector = Inspector(args.artifact, device=args.device, threads=args.threads, precision=args.precision)
+    inspector = Inspector(args.artifact, engine=args.engine, distance=args.distance, device=args.device,
+                          threads=args.threads, precision=args.precision)
     inspector.warm_up()
     failures = 0
     for path in _expand(args.images):
@@ -95,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     report_dir = args.report or args.artifact.parent / f"{args.artifact.name}-eval"
     report = evaluate_artifact(args.artifact, args.data, report_dir, args.precision, not args.no_int8,
-                               device=args.device, threads=args.threads)
+                               engine=args.engine, distance=args.distance, device=args.device, threads=args.threads)
     calibrated = "threshold" in report
     print(f"{'image':<40} {'class':<15} {'score':>9} {'norm':>6} {'verdict':>7} {'ms':>8}")
     for item in report["images"]:
@@ -103,12 +140,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         norm, verdict = (f"{item['normalised']:6.3f}", item["verdict"]) if calibrated else ("-", "-")
         print(f"{name:<40} {item['defect']:<15} {item['score']:9.4f} {norm:>6} {verdict:>7} {item['latency_ms']:8.1f}")
     overall = report["overall"]
-    print(f"image AUROC {overall['image_auroc']:.4f}  pixel AUROC {overall['pixel_auroc'] or float('nan'):.4f}  "
-          f"PRO(30% FPR) {overall['pro'] or float('nan'):.4f}  ({overall['defective']} defective, {overall['good']} good)")
+    pixel = {k: "n/a" if overall[k] is None else f"{overall[k]:.4f}" for k in ("pixel_auroc", "pro")}
+    print(f"image AUROC {overall['image_auroc']:.4f}  pixel AUROC {pixel['pixel_auroc']}  PRO(30% FPR) {pixel['pro']}  "
+          f"({overall['defective']} defective, {overall['good']} good)")
     if calibrated:
         c = overall["confusion"]
         print(f"at threshold {report['threshold']:.4f}: F1 {overall['f1']:.3f}; NG {c['true_ng']} caught, "
               f"{c['false_ok']} missed (false accepts); {c['false_ng']} good rejected (false rejects), {c['true_ok']} passed")
+        if report["calibrated_on"] != report["model_file"]:
+            print(f"note: thresholds were calibrated on {report['calibrated_on']} scores, this ran {report['model_file']}")
     else:
         print("not calibrated: no verdicts (run `patchline calibrate`)")
     for defect, m in report["per_defect"].items():
@@ -184,6 +224,34 @@ def cmd_index(args: argparse.Namespace) -> None:
                       "knn": list(index.knn.shape) if index.knn is not None else None}))
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    import signal
+
+    from patchline.runtime.config import RunConfig, load_config
+    from patchline.runtime.daemon import EXIT_CONFIG, Daemon
+    from patchline.runtime.mqtt import MqttError
+    from patchline.runtime.sources import SourceConfigError
+
+    # What is refused here is a configuration problem that a restart cannot fix: EX_CONFIG, no restart loop.
+    daemon = None
+    try:
+        daemon = Daemon(load_config(args.config, args.set, model=RunConfig))
+        signal.signal(signal.SIGTERM, daemon.request_stop)
+        signal.signal(signal.SIGINT, daemon.request_stop)
+        daemon.start()
+    except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError) as exc:
+        if daemon is not None:
+            daemon.shutdown()
+        log.error("cannot start: %s", exc)
+        sys.exit(EXIT_CONFIG)
+    try:
+        code = daemon.run()
+    except SourceConfigError as exc:  # e.g. the ROI does not fit the first frame
+        log.error("source: %s", exc)
+        code = EXIT_CONFIG
+    sys.exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchline", description="PatchCore visual inspection for production lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -196,13 +264,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.backbone=resnet18 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--engine", choices=["none", "trt"], default="none",
+                   help="trt: also build the TensorRT engine for this machine's GPU (the config's tensorrt section)")
+    p.add_argument("--device", default="cuda", help="GPU for --engine trt: cuda or cuda:N")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("engine", help="build or check the TensorRT engine for an artifact on this machine's GPU")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=None, help="YAML config whose tensorrt section is used")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
+    p.add_argument("--device", default="cuda", help="cuda or cuda:N")
+    p.add_argument("--check", action="store_true", help="only check the cached engine; fail if missing or stale")
+    p.set_defaults(func=cmd_engine)
+
+    p = sub.add_parser("bench-gpu", help="GPU benchmark: engine, distance kernel vs cuBLAS, end to end")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=None, help="YAML config whose tensorrt section is used")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--batch", type=int, default=8, help="batch for the batched measurements")
+    p.add_argument("--bank-rows", type=int, default=None,
+                   help="also time the kernel on a random bank of this many rows (e.g. a full-size model's)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the results JSON")
+    p.set_defaults(func=cmd_bench_gpu)
 
     for name, func, help_text in (("score", cmd_score, "score images with an artifact (JSON line per image)"),
                                   ("eval", cmd_eval, "score an MVTec-layout test set and report AUROC")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--artifact", type=Path, required=True)
-        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                       help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider)")
+        p.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                       help="tensorrt: the cached TensorRT engine, built on first use (needs the 'gpu' extra)")
+        p.add_argument("--distance", choices=["cpu", "cuda", "cuda-fp16"], default="cpu",
+                       help="where patches meet the memory bank: numpy, or the CUDA kernel")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
         p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                        help="run the fp32 model or its INT8 quantisation (patchline quantize)")
@@ -280,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="add the bank search index to an artifact exported without one")
     p.add_argument("artifact", type=Path)
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("run", help="the edge daemon: inspect a camera's frames and publish verdicts over MQTT")
+    p.add_argument("--config", type=Path, required=True, help="run config, e.g. configs/line.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set mqtt.port=1884 (repeatable)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
@@ -289,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args.func(args)
-    except (ConfigError, ArtifactError, ImageError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, ArtifactError, ImageError, FileNotFoundError, ValueError, GpuUnavailable) as exc:
         raise SystemExit(f"patchline: {exc}") from None
 
 

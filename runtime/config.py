@@ -6,8 +6,9 @@ start instead of silently falling back to a default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -76,12 +77,32 @@ class ExportConfig(Section):
     tolerance: float = Field(1e-4, gt=0.0)
 
 
+class TensorRtConfig(Section):
+    """The TensorRT engine built on the box from the artifact's ONNX (runtime/trt_build.py)."""
+
+    precision: Literal["fp16", "fp32", "int8"] = "fp16"
+    batch_profile: tuple[int, int, int] = (1, 1, 8)  # min, opt, max batch the engine accepts
+    workspace_mb: int = Field(1024, ge=16)
+    cache_dir: str | None = None  # default: systemd's CacheDirectory, else ~/.cache/patchline
+    build: bool = True  # build a missing or stale engine; false: refuse to start instead
+    timing_cache: bool = True  # keep TensorRT's kernel timings next to the engines: rebuilds are faster
+    calibration_cache: str | None = None  # INT8 only: the calibration cache from patchline.calibration
+
+    @field_validator("batch_profile")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not 1 <= value[0] <= value[1] <= value[2]:
+            raise ValueError("must be [min, opt, max] with 1 <= min <= opt <= max")
+        return value
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     coreset: CoresetConfig = CoresetConfig()
     scoring: ScoringConfig = ScoringConfig()
     export: ExportConfig = ExportConfig()
+    tensorrt: TensorRtConfig = TensorRtConfig()
 
 
 def _format_errors(source: str, error: ValidationError) -> str:
@@ -152,3 +173,107 @@ class MqttConfig(Section):
     queue_max_count: int = Field(10000, ge=1)  # verdicts held while the broker is unreachable
     queue_max_age_s: float = Field(3600.0, gt=0)
     spool_dir: str | None = None  # default: the daemon's state directory
+
+
+class RoiConfig(Section):
+    """Region of interest cropped from every frame before preprocessing, in source pixels."""
+
+    x: int = Field(0, ge=0)
+    y: int = Field(0, ge=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class SourceSection(Section):
+    roi: RoiConfig | None = None
+    # First frame after (re)opening; industrial cameras can take 40 s to start streaming. None: wait forever.
+    start_timeout_s: float | None = Field(40.0, gt=0)
+    # No frame for this long once frames flowed → a stall: counted, the source is reopened. None: never.
+    stall_timeout_s: float | None = Field(10.0, gt=0)
+    reconnect_min_s: float = Field(1.0, gt=0)  # backoff doubles from min to max between failed attempts
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class StreamSection(SourceSection):
+    # What the end of the stream means: stop the run (a file), play it again (loop a file), or reconnect (a camera).
+    at_end: Literal["stop", "loop", "reconnect"] = "reconnect"
+
+
+class GStreamerSourceConfig(StreamSection):
+    kind: Literal["gstreamer"]
+    # Everything up to the appsink, e.g. "filesrc location=x.avi ! decodebin"; the daemon appends
+    # "! videoconvert ! video/x-raw,format=RGB ! appsink drop=true max-buffers=1". A pipeline with its
+    # own appsink is used as written.
+    pipeline: str = Field(min_length=1)
+
+
+class OpenCVSourceConfig(StreamSection):
+    kind: Literal["opencv"]
+    uri: str = Field(min_length=1)  # file, rtsp://…, /dev/videoN or a device index, or a GStreamer pipeline
+    backend: Literal["auto", "ffmpeg", "gstreamer", "v4l2"] = "auto"
+    open_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(5.0, gt=0)
+
+
+class FolderSourceConfig(SourceSection):
+    """Images dropped into a folder: each new file once, oldest first (offline lines, tests)."""
+
+    kind: Literal["folder"]
+    path: str = Field(min_length=1)
+    poll_interval_s: float = Field(0.2, gt=0)
+    after_read: Literal["keep", "delete"] = "keep"
+    # An idle folder is normal on an offline line: no watchdog unless asked for.
+    start_timeout_s: float | None = Field(None, gt=0)
+    stall_timeout_s: float | None = Field(None, gt=0)
+
+
+SourceConfig = Annotated[
+    Union[GStreamerSourceConfig, OpenCVSourceConfig, FolderSourceConfig], Field(discriminator="kind")
+]
+
+
+class MetricsConfig(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"  # 0.0.0.0 to let a Prometheus on another host scrape
+    port: int = Field(9108, ge=0, le=65535)  # 0: any free port (tests)
+    # /healthz is 200 only while the last frame is younger than this.
+    health_max_frame_age_s: float = Field(10.0, gt=0)
+
+
+class EvidenceConfig(Section):
+    enabled: bool = True
+    dir: str | None = None  # default: <state_dir>/evidence
+    quota_mb: float = Field(500.0, gt=0)
+    format: Literal["png", "jpg"] = "png"  # of the frame; png keeps the exact pixels for retraining
+
+
+class TriggerConfig(Section):
+    # A trigger with no frame captured at or after it within this time is answered on the error topic.
+    timeout_s: float = Field(5.0, gt=0)
+    max_pending: int = Field(32, ge=1)
+
+
+def _state_directory() -> str:
+    # systemd's StateDirectory= sets STATE_DIRECTORY (colon-separated when it names several).
+    return os.environ.get("STATE_DIRECTORY", "/var/lib/patchline").split(":")[0]
+
+
+class RunConfig(Section):
+    """``patchline run``: one camera, one artifact, verdicts to one broker."""
+
+    camera: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used in MQTT topics and file names
+    artifact: str
+    engine: str = "onnxruntime"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: the artifact's model.int8.onnx (patchline quantize)
+    distance: Literal["cpu", "cuda", "cuda-fp16"] = "cpu"
+    # Raw-score threshold; overrides the artifact's calibration. Needed when the artifact is not calibrated.
+    threshold: float | None = None
+    mode: Literal["continuous", "trigger"] = "continuous"
+    source: SourceConfig
+    trigger: TriggerConfig = TriggerConfig()
+    mqtt: MqttConfig = MqttConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    evidence: EvidenceConfig = EvidenceConfig()
+    state_dir: str = Field(default_factory=_state_directory)  # seq counter, MQTT spool, evidence

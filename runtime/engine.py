@@ -13,6 +13,8 @@ from typing import Protocol
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, ArtifactError
+from patchline.runtime.config import TensorRtConfig
+from patchline.runtime.cuda_device import GpuUnavailable
 
 
 class Engine(Protocol):
@@ -40,9 +42,64 @@ def create_engine(name: str, artifact: Artifact, **options: object) -> Engine:
     return ENGINES[name](artifact, **options)
 
 
+@register("tensorrt")
+def _tensorrt(artifact: Artifact, **options: object) -> Engine:
+    from patchline.runtime.tensorrt_engine import TensorRtEngine
+
+    return TensorRtEngine(artifact, **options)
+
+
+ORT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def onnxruntime_providers(
+    device: str, available: list[str], artifact: Artifact, tensorrt: TensorRtConfig | None = None
+) -> list[str | tuple[str, dict[str, object]]]:
+    """ONNX Runtime's provider list for ``device``, or GpuUnavailable naming what this onnxruntime lacks.
+
+    "auto": CUDA when this onnxruntime has it, else CPU. "cuda": the CUDA provider (onnxruntime-gpu).
+    "tensorrt": ONNX Runtime's TensorRT provider, with CUDA under it for what TensorRT cannot run,
+    for boxes without TensorRT's own Python package; it builds and caches its engines itself.
+    """
+    if device not in ORT_DEVICES:
+        raise ValueError(f"device {device!r}: expected one of {', '.join(ORT_DEVICES)}")
+    cuda = "CUDAExecutionProvider" in available
+    if device == "cpu" or (device == "auto" and not cuda):
+        return ["CPUExecutionProvider"]
+    if device in ("auto", "cuda"):
+        if not cuda:
+            raise GpuUnavailable(f"device 'cuda' needs onnxruntime-gpu (CUDAExecutionProvider); this onnxruntime "
+                               f"offers {available}")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "TensorrtExecutionProvider" not in available:
+        raise GpuUnavailable(f"device 'tensorrt' needs an onnxruntime-gpu built with TensorrtExecutionProvider and "
+                           f"TensorRT's libraries; this onnxruntime offers {available}")
+    from patchline.runtime.engine_cache import cache_directory
+
+    settings = tensorrt or TensorRtConfig()
+    if settings.precision == "int8":
+        raise ValueError("device 'tensorrt' through ONNX Runtime runs fp16 or fp32; use the tensorrt engine for int8")
+    cache = cache_directory(settings.cache_dir) / "onnxruntime-trt"
+    cache.mkdir(exist_ok=True)
+    name, (height, width) = artifact.manifest.preprocess.input_name, artifact.manifest.preprocess.image_size
+    low, opt, high = (f"{name}:{b}x3x{height}x{width}" for b in settings.batch_profile)
+    options = {
+        "trt_fp16_enable": settings.precision == "fp16",
+        "trt_max_workspace_size": settings.workspace_mb << 20,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": settings.timing_cache,
+        "trt_timing_cache_path": str(cache),
+        "trt_profile_min_shapes": low,
+        "trt_profile_opt_shapes": opt,
+        "trt_profile_max_shapes": high,
+    }
+    return [("TensorrtExecutionProvider", options), *(["CUDAExecutionProvider"] if cuda else []), "CPUExecutionProvider"]
+
+
 @register("onnxruntime")
 class OnnxRuntimeEngine:
-    """ONNX Runtime session; the CUDA provider is used when this onnxruntime build has it."""
+    """ONNX Runtime session on the CPU, CUDA, or ONNX Runtime's TensorRT provider (see onnxruntime_providers)."""
 
     name = "onnxruntime"
 
@@ -53,16 +110,11 @@ class OnnxRuntimeEngine:
         threads: int | None = None,
         model_file: str | None = None,
         graph_optimization: str = "all",
+        tensorrt: TensorRtConfig | None = None,
     ) -> None:
         import onnxruntime as ort
 
-        available = ort.get_available_providers()
-        if device == "cpu" or (device == "auto" and "CUDAExecutionProvider" not in available):
-            providers = ["CPUExecutionProvider"]
-        elif "CUDAExecutionProvider" in available:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        else:
-            raise RuntimeError(f"device {device!r} asked for, but onnxruntime offers only {available}")
+        providers = onnxruntime_providers(device, ort.get_available_providers(), artifact, tensorrt)
         options = ort.SessionOptions()
         if graph_optimization not in GRAPH_OPTIMIZATION:
             raise ValueError(f"graph_optimization {graph_optimization!r}: one of {', '.join(GRAPH_OPTIMIZATION)}")
@@ -73,6 +125,11 @@ class OnnxRuntimeEngine:
             raise ArtifactError(f"{path}: no such model file in the artifact")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.providers = self.session.get_providers()
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if self.providers[0] != wanted:
+            # onnxruntime falls back to the CPU, with only a logged error, when a GPU library fails to load.
+            raise GpuUnavailable(f"onnxruntime could not start {wanted} (the session runs on {self.providers}); its "
+                               "log above names the CUDA, cuDNN or TensorRT library it could not load")
         manifest = artifact.manifest
         self.input_name = manifest.preprocess.input_name
         self.output_name = manifest.model.output_name

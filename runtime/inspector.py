@@ -24,18 +24,29 @@ class Inspection:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+DISTANCES = ("cpu", "cuda", "cuda-fp16")
+
+
 class Inspector:
-    """Scores RGB images with an artifact; one instance per camera/thread."""
+    """Scores RGB images with an artifact; one instance per camera/thread.
+
+    ``distance`` picks where patches meet the memory bank: "cpu" (numpy BLAS) or the CUDA
+    kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16"). ``precision``
+    picks the artifact's fp32 model or its INT8 one (``patchline quantize``).
+    """
 
     def __init__(
         self,
         artifact: Artifact | str | Path,
         engine: str = "onnxruntime",
+        distance: str = "cpu",
         precision: str = "fp32",
         approximate: bool = False,
         search_dims: int = SEARCH_DIMS,
         **engine_options: object,
     ) -> None:
+        if distance not in DISTANCES:
+            raise ValueError(f"distance {distance!r}: expected one of {', '.join(DISTANCES)}")
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
@@ -45,8 +56,12 @@ class Inspector:
         if self.model_file != manifest.model.file:  # engines run the manifest's fp32 model unless told another file
             engine_options["model_file"] = self.model_file
         self.engine = create_engine(engine, self.artifact, **engine_options)
-        threads = engine_options.get("threads")
-        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads)
+        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, engine_options.get("threads"))
+        self.gpu_bank = None
+        if distance != "cpu":
+            from patchline.runtime.gpu_distance import GpuNearest
+
+            self.gpu_bank = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32")
         self.num_neighbors = manifest.num_neighbors
 
     def warm_up(self) -> None:
@@ -55,25 +70,35 @@ class Inspector:
 
     def inspect(self, rgb: np.ndarray) -> Inspection:
         """Score one RGB uint8 image of any size."""
+        return self.inspect_batch([rgb])[0]
+
+    def inspect_batch(self, images: list[np.ndarray]) -> list[Inspection]:
+        """Score RGB uint8 images as one batch; each result's timings_ms are those of the whole batch."""
         clock = time.perf_counter
         t0 = clock()
-        batch = self.preprocess([rgb])
+        batch = self.preprocess(images)
         t1 = clock()
-        embedding = self.engine(batch)[0]
+        embeddings = self.engine(batch)
         t2 = clock()
-        h, w, dim = embedding.shape
-        patches = embedding.reshape(h * w, dim)
-        dist, idx = self.bank.nearest(patches, 1)
+        count, h, w, dim = embeddings.shape
+        patches = embeddings.reshape(count, h * w, dim)
+        dist, idx = (self.gpu_bank or self.bank).nearest(patches.reshape(count * h * w, dim), 1)
+        dist, idx = dist[:, 0].reshape(count, h * w), idx[:, 0].reshape(count, h * w)
         t3 = clock()
-        dist, idx = dist[:, 0], idx[:, 0]
-        score, top = image_score(self.bank, patches, dist, idx, self.num_neighbors)
+        reweight = amaps = 0.0
+        scored = []
+        for i, rgb in enumerate(images):
+            t = clock()
+            score, top = image_score(self.bank, patches[i], dist[i], idx[i], self.num_neighbors)
+            reweight += clock() - t
+            t = clock()
+            amap = anomaly_map(dist[i].reshape(h, w), self.preprocess.image_size)
+            amaps += clock() - t
+            row, col = divmod(top, w)
+            src_h, src_w = rgb.shape[:2]
+            scored.append((score, amap, (int((col + 0.5) * src_w / w), int((row + 0.5) * src_h / h))))
         t4 = clock()
-        amap = anomaly_map(dist.reshape(h, w), self.preprocess.image_size)
-        t5 = clock()
-        row, col = divmod(top, w)
-        src_h, src_w = rgb.shape[:2]
-        location = (int((col + 0.5) * src_w / w), int((row + 0.5) * src_h / h))
-        timings = {"preprocess": t1 - t0, "backbone": t2 - t1, "distance": t3 - t2, "reweight": t4 - t3, "map": t5 - t4}
+        timings = {"preprocess": t1 - t0, "backbone": t2 - t1, "distance": t3 - t2, "reweight": reweight, "map": amaps}
         timings = {k: round(v * 1000.0, 3) for k, v in timings.items()}
-        timings["total"] = round((t5 - t0) * 1000.0, 3)
-        return Inspection(score=score, anomaly_map=amap, location=location, timings_ms=timings)
+        timings["total"] = round((t4 - t0) * 1000.0, 3)
+        return [Inspection(score=s, anomaly_map=a, location=loc, timings_ms=dict(timings)) for s, a, loc in scored]

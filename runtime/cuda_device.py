@@ -1,0 +1,81 @@
+"""One CUDA GPU through pycuda, shared by the TensorRT engine and the distance kernel.
+
+pycuda works on the device's *primary* context, the one the CUDA runtime gives TensorRT,
+ONNX Runtime and CuPy, so buffers and streams can be handed between them. Each use makes
+it current on the calling thread and releases it after, so an instance may be used from
+any thread (one at a time). pycuda is imported here, so import this module lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class GpuUnavailable(RuntimeError):
+    """No usable CUDA GPU: the message says what is missing."""
+
+
+def device_index(device: str | int) -> int:
+    """``"cuda"`` or ``"auto"`` → 0, ``"cuda:N"`` → N, an int as is."""
+    if isinstance(device, int):
+        return device
+    name, _, number = device.partition(":")
+    if name not in ("cuda", "auto") or (number and not number.isdigit()):
+        raise ValueError(f"device {device!r}: expected 'cuda' or 'cuda:N'")
+    return int(number or 0)
+
+
+def _driver():  # noqa: ANN202 - the pycuda.driver module
+    try:
+        import pycuda.driver as cuda
+    except ImportError as exc:  # also raised when pycuda is installed but libcuda.so is not
+        raise GpuUnavailable(f"pycuda cannot be imported ({exc}); install the 'gpu' extra on a machine with "
+                             "an NVIDIA driver") from None
+    try:
+        cuda.init()
+    except cuda.Error as exc:
+        raise GpuUnavailable(f"the CUDA driver did not initialise: {exc}") from None
+    return cuda
+
+
+class CudaDevice:
+    def __init__(self, device: str | int = "cuda") -> None:
+        cuda = _driver()
+        index = device_index(device)
+        count = cuda.Device.count()
+        if not 0 <= index < count:
+            raise GpuUnavailable(f"CUDA device {index} asked for, but this machine has {count}")
+        self.index = index
+        self.device = cuda.Device(index)
+        self.context = self.device.retain_primary_context()
+        self.name: str = self.device.name()
+        major, minor = self.device.compute_capability()
+        self.compute_capability = f"{major}.{minor}"
+        self.sm_count: int = self.device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
+        self.driver_version: int = cuda.get_driver_version()
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Make this device's primary context current on the calling thread for the block."""
+        import pycuda.driver as cuda
+
+        self.context.push()
+        try:
+            yield
+        finally:
+            cuda.Context.pop()
+
+    def describe(self) -> dict[str, object]:
+        return {"index": self.index, "name": self.name, "compute_capability": self.compute_capability,
+                "multiprocessors": self.sm_count, "driver_version": self.driver_version,
+                "memory_gib": round(self.device.total_memory() / 2**30, 2)}
+
+
+def gpu_unavailable_reason(device: str | int = "cuda") -> str | None:
+    """Why no GPU work can run here, or None when a device is ready (used to skip GPU tests and benchmarks)."""
+    try:
+        CudaDevice(device)
+    except GpuUnavailable as exc:
+        return str(exc)
+    return None

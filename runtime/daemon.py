@@ -1,0 +1,230 @@
+"""The edge daemon, ``patchline run``: frames in, verdicts out.
+
+    source → Inspector → decide → make_verdict → MqttSink (and NG evidence)
+
+The frame loop runs on the main thread and is the only one that inspects; it also pings
+systemd's watchdog, so a hung inference or source stops the pings and systemd restarts us.
+MQTT delivery, evidence writing and the metrics server run on threads of their own and
+never hold up a frame.
+
+Modes: ``continuous`` inspects the newest frame whenever the model is free (older frames
+are dropped by the source and counted); ``trigger`` inspects, per PLC trigger, the first
+frame captured at or after the trigger arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from patchline.runtime.artifact import load_artifact
+from patchline.runtime.config import ConfigError, RunConfig
+from patchline.runtime.decision import decide
+from patchline.runtime.evidence import EvidenceStore
+from patchline.runtime.inspector import Inspector
+from patchline.runtime.metrics import Metrics, MetricsServer
+from patchline.runtime.mqtt import MqttSink, Trigger
+from patchline.runtime.sources import EndOfStream, Frame, open_source
+from patchline.runtime.systemd import Notifier
+from patchline.runtime.verdict import SeqCounter, make_verdict
+
+log = logging.getLogger("patchline.daemon")
+
+EXIT_OK = 0
+EXIT_CONFIG = 78  # sysexits' EX_CONFIG: a restart cannot help; the unit says RestartPreventExitStatus=78
+READ_TIMEOUT_S = 0.5  # the longest the loop waits for a frame before it checks stop, triggers, watchdog
+STATUS_INTERVAL_S = 5.0
+FLUSH_TIMEOUT_S = 5.0
+
+
+class Daemon:
+    """One camera. Construction checks everything that can be checked before starting."""
+
+    def __init__(self, config: RunConfig, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.artifact = load_artifact(config.artifact)
+        self.calibration = self.artifact.manifest.calibration
+        if self.calibration is None and config.threshold is None:
+            raise ConfigError(f"{config.artifact}: the artifact is not calibrated and the run config sets no "
+                              "threshold; run `patchline calibrate` on it or set `threshold:` in the config")
+        roi = config.source.roi
+        self.roi_offset = (roi.x, roi.y) if roi else (0, 0)
+        self.source = open_source(config.source)
+        self.inspector = Inspector(self.artifact, engine=config.engine, distance=config.distance,
+                                   precision=config.precision, device=config.device, threads=config.threads)
+        state = Path(config.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        self.seq = SeqCounter(state / f"{config.camera}.seq")
+        self.sink = MqttSink(config.mqtt, config.camera, state, on_trigger=self._on_trigger)
+        evidence = config.evidence
+        self.evidence = (EvidenceStore(evidence.dir or state / "evidence", evidence.quota_mb, evidence.format)
+                         if evidence.enabled else None)
+        self.metrics = Metrics(config.camera, self.source, self.sink, self.evidence)
+        self.notifier = notifier or Notifier()
+        self.stop_requested = threading.Event()
+        self.server: MetricsServer | None = None
+        self._triggers: deque[tuple[Trigger, float]] = deque()  # with time.monotonic() at arrival
+        self._trigger_lock = threading.Lock()
+        self._last_status = -float("inf")
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect (in the background), serve metrics, warm the engine. Raises on a configuration problem."""
+        cfg = self.config
+        threshold = (f"threshold {cfg.threshold} (config)" if cfg.threshold is not None
+                     else f"calibrated threshold {self.calibration.image_threshold:.6g}")
+        devices = ", ".join(getattr(self.inspector.engine, "providers", [cfg.device]))
+        log.info("camera %s: model %s, %s, engine %s (%s), %s mode, source %s", cfg.camera,
+                 self.artifact.manifest.model_id, threshold, cfg.engine, devices, cfg.mode, self.source.description)
+        self.sink.start()
+        if cfg.metrics.enabled:
+            self.server = MetricsServer(self.metrics.registry, self.health, cfg.metrics.host, cfg.metrics.port)
+            log.info("metrics on http://%s:%d/metrics, health on /healthz", cfg.metrics.host, self.server.port)
+        started = time.perf_counter()
+        self.inspector.warm_up()
+        log.info("engine warm in %.2f s; waiting for the first frame", time.perf_counter() - started)
+
+    def run(self) -> int:
+        """The frame loop, until stopped (signal, end of a file source); then shut down. Returns the exit code."""
+        try:
+            return self._loop()
+        finally:
+            self.shutdown()
+
+    def _loop(self) -> int:
+        ready = False
+        while not self.stop_requested.is_set():
+            if self.sink.fatal_error:
+                log.error("MQTT: %s; exiting", self.sink.fatal_error)
+                return EXIT_CONFIG
+            try:
+                frame = self.source.read(READ_TIMEOUT_S)
+            except EndOfStream:
+                log.info("source ended; stopping")
+                return EXIT_OK
+            self._heartbeat()
+            if self.config.mode == "trigger":
+                self._expire_triggers()
+            if frame is None:
+                continue
+            if not ready:
+                ready = True
+                self.notifier.ready(self.status())
+                log.info("ready: first frame %dx%d", frame.image.shape[1], frame.image.shape[0])
+            if self.config.mode == "continuous":
+                self.process(frame)
+            elif (trigger := self._trigger_for(frame)) is not None:
+                self.process(frame, *trigger)
+        log.info("stop requested")
+        return EXIT_OK
+
+    def shutdown(self) -> None:
+        """Answer waiting triggers, write queued evidence, flush verdicts, publish ``stopped``."""
+        self.notifier.stopping("stopping: flushing verdicts")
+        self.source.close()
+        with self._trigger_lock:
+            pending, self._triggers = list(self._triggers), deque()
+        for trigger, _ in pending:
+            self._trigger_error(trigger, "stopping", "the daemon is stopping; trigger not inspected")
+        if self.evidence is not None:
+            self.evidence.close()
+        self.sink.stop(FLUSH_TIMEOUT_S)
+        c, counts = self.source.counters, self.metrics.verdicts
+        log.info("ran %.0f s: %d frames, %d OK + %d NG verdicts, %d skipped, %d lost, %d corrupt, %d stalls, "
+                 "%d source reconnects, %d MQTT reconnects, %d verdicts dropped", time.monotonic() - self.metrics.started,
+                 c.frames, counts["OK"], counts["NG"], c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
+                 self.sink.reconnects, self.sink.dropped)
+        if self.server is not None:
+            self.server.close()
+        self.notifier.close()
+
+    def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
+        """Signal handler: the frame in flight is finished, then the loop ends."""
+        if signum is not None:
+            log.info("signal %d received", signum)
+        self.stop_requested.set()
+
+    # -- one frame -------------------------------------------------------------------------------
+
+    def process(self, frame: Frame, trigger: Trigger | None = None, trigger_at: float | None = None) -> dict:
+        """Inspect one frame, publish its verdict and return it."""
+        started = time.monotonic()
+        inspection = self.inspector.inspect(frame.image)
+        decision = decide(inspection.score, self.calibration, self.config.threshold)
+        seq = self.seq.next()
+        evidence = None
+        if decision.verdict == "NG" and self.evidence is not None:
+            evidence = self.evidence.submit(seq, frame.captured, frame.image, inspection.anomaly_map)
+        done = time.monotonic()
+        latency = {**inspection.timings_ms, "wait": (started - frame.monotonic) * 1000.0}
+        if trigger_at is not None:
+            latency["trigger_to_verdict"] = (done - trigger_at) * 1000.0
+        x, y = inspection.location
+        verdict = make_verdict(
+            camera=self.config.camera, seq=seq, timestamp=frame.captured, frame_age_s=done - frame.monotonic,
+            decision=decision, location=(x + self.roi_offset[0], y + self.roi_offset[1]), latency_ms=latency,
+            model_id=self.artifact.manifest.model_id, artifact_checksum=self.artifact.checksum,
+            part_id=trigger.part_id if trigger else None, evidence=evidence,
+        )
+        self.sink.publish_verdict(verdict, trigger)
+        self.metrics.inspected(inspection.timings_ms["total"] / 1000.0, decision.verdict)
+        log.debug("seq %d %s score %.4f frame %d", seq, decision.verdict, decision.score, frame.index)
+        return verdict
+
+    # -- triggers --------------------------------------------------------------------------------
+
+    def _on_trigger(self, trigger: Trigger) -> None:
+        # paho's network thread: note the arrival on the monotonic clock the frames use, and return.
+        arrived = time.monotonic()
+        with self._trigger_lock:
+            full = len(self._triggers) >= self.config.trigger.max_pending
+            if not full:
+                self._triggers.append((trigger, arrived))
+        if full:
+            self._trigger_error(trigger, "too_many_triggers",
+                                f"{self.config.trigger.max_pending} triggers already waiting for a frame")
+
+    def _trigger_for(self, frame: Frame) -> tuple[Trigger, float] | None:
+        with self._trigger_lock:
+            if self._triggers and frame.monotonic >= self._triggers[0][1]:
+                return self._triggers.popleft()
+        return None
+
+    def _expire_triggers(self) -> None:
+        limit = self.config.trigger.timeout_s
+        expired = []
+        with self._trigger_lock:
+            while self._triggers and time.monotonic() - self._triggers[0][1] > limit:
+                expired.append(self._triggers.popleft()[0])
+        for trigger in expired:
+            self._trigger_error(trigger, "no_frame", f"no frame captured within {limit:g} s after the trigger")
+
+    def _trigger_error(self, trigger: Trigger, reason: str, detail: str) -> None:
+        log.warning("trigger %r not answered: %s", trigger.part_id, detail)
+        self.metrics.trigger_error(reason)
+        self.sink.publish_error({"error": reason, "detail": detail, "part_id": trigger.part_id}, trigger)
+
+    # -- state for systemd, metrics, health -------------------------------------------------------
+
+    def status(self) -> str:
+        counts = self.metrics.verdicts
+        broker = "connected" if self.sink.connected else "disconnected"
+        return (f"{self.metrics.fps.per_second():.1f} fps, broker {broker}, queue {self.sink.queue_depth}, "
+                f"{counts['OK']} OK / {counts['NG']} NG")
+
+    def _heartbeat(self) -> None:
+        self.notifier.watchdog()
+        now = time.monotonic()
+        if now - self._last_status >= STATUS_INTERVAL_S:
+            self._last_status = now
+            self.notifier.send(STATUS=self.status())
+
+    def health(self) -> tuple[bool, dict]:
+        age = self.source.last_frame_age
+        healthy = age is not None and age < self.config.metrics.health_max_frame_age_s
+        return healthy, {"last_frame_age_s": None if age is None else round(age, 3),
+                         "mqtt_connected": self.sink.connected, "queue_depth": self.sink.queue_depth}

@@ -1,0 +1,153 @@
+"""Prometheus metrics and the health endpoint of a running daemon.
+
+Counters that the source and the MQTT sink keep themselves are read at scrape time (a
+collector), so there is one count of each thing, not a copy that could drift.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
+
+from patchline.runtime.evidence import EvidenceStore
+from patchline.runtime.mqtt import MqttSink
+from patchline.runtime.sources import FrameSource
+
+# Inference on a CPU edge box takes 20 ms to a few seconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Rate:
+    """Events per second over a sliding window."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        with self._lock:
+            self._times.append(time.monotonic())
+
+    def per_second(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            while self._times and self._times[0] < now - self.window_s:
+                self._times.popleft()
+            if len(self._times) < 2:
+                return 0.0
+            # Over the span actually seen, so that the first seconds after a start are not underestimated.
+            return (len(self._times) - 1) / max(now - self._times[0], 1e-9)
+
+
+class Metrics:
+    """All metrics of one camera's daemon, in a registry of its own."""
+
+    def __init__(self, camera: str, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None) -> None:
+        self.camera = camera
+        self.started = time.monotonic()
+        self.fps = Rate()
+        self.verdicts = {"OK": 0, "NG": 0}
+        self.trigger_errors: dict[str, int] = {}
+        self.registry = CollectorRegistry()
+        self.inference = Histogram("patchline_inference_seconds", "Time to score one frame (preprocess to score)",
+                                   ["camera"], buckets=LATENCY_BUCKETS, registry=self.registry).labels(camera)
+        self.registry.register(_Collected(self, source, sink, evidence))
+
+    def inspected(self, seconds: float, verdict: str) -> None:
+        self.fps.tick()
+        self.inference.observe(seconds)
+        self.verdicts[verdict] += 1
+
+    def trigger_error(self, reason: str) -> None:
+        self.trigger_errors[reason] = self.trigger_errors.get(reason, 0) + 1
+
+
+class _Collected(Collector):
+    def __init__(self, metrics: Metrics, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None) -> None:
+        self.metrics, self.source, self.sink, self.evidence = metrics, source, sink, evidence
+
+    def collect(self) -> Iterator:
+        camera = self.metrics.camera
+        c = self.source.counters
+        counters = {
+            "patchline_frames": ("Frames delivered by the source", c.frames),
+            "patchline_frames_skipped": ("Frames replaced by a newer one before inspection (newest wins)", c.skipped),
+            "patchline_frames_lost": ("Frames missing from the stream: rejected by the decoder or lost in transport",
+                                      c.lost),
+            "patchline_frames_corrupt": ("Frames that arrived undecodable and were skipped", c.corrupt),
+            "patchline_source_stalls": ("Times the source delivered no frame within its timeout", c.stalls),
+            "patchline_source_reconnects": ("Times the source was reopened after a failure", c.reconnects),
+            "patchline_mqtt_reconnects": ("Successful broker connections after the first", self.sink.reconnects),
+            "patchline_mqtt_dropped": ("Verdicts that will never be delivered (overflow, age, refused)",
+                                       self.sink.dropped),
+        }
+        for name, (text, value) in counters.items():
+            family = CounterMetricFamily(name, text, labels=["camera"])
+            family.add_metric([camera], value)
+            yield family
+        by_label = {
+            "patchline_verdicts": ("Verdicts published, by result", "result", self.metrics.verdicts),
+            "patchline_trigger_errors": ("Triggers answered on the error topic, by reason", "reason",
+                                         self.metrics.trigger_errors),
+        }
+        if self.evidence is not None:
+            store = self.evidence
+            by_label["patchline_evidence"] = ("NG evidence folders, by outcome", "outcome",
+                                              {"saved": store.saved, "dropped": store.dropped, "failed": store.failed})
+        for name, (text, label, values) in by_label.items():
+            family = CounterMetricFamily(name, text, labels=["camera", label])
+            for key, value in dict(values).items():
+                family.add_metric([camera, key], value)
+            yield family
+        age = self.source.last_frame_age
+        gauges = {
+            "patchline_fps": ("Frames inspected per second over the last 10 s", self.metrics.fps.per_second()),
+            "patchline_mqtt_queue_depth": ("Verdicts not yet acknowledged by the broker", self.sink.queue_depth),
+            "patchline_mqtt_connected": ("1 while connected to the broker", float(self.sink.connected)),
+            "patchline_uptime_seconds": ("Seconds since the daemon started", time.monotonic() - self.metrics.started),
+            "patchline_last_frame_age_seconds": ("Seconds since the last frame (NaN before the first)",
+                                                 float("nan") if age is None else age),
+        }
+        for name, (text, value) in gauges.items():
+            family = GaugeMetricFamily(name, text, labels=["camera"])
+            family.add_metric([camera], value)
+            yield family
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # scrapes every few seconds are not events
+        pass
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus) and ``/healthz`` (200 while frames flow, else 503) on one port."""
+
+    def __init__(self, registry: CollectorRegistry, health: Callable[[], tuple[bool, dict]], host: str, port: int):
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/healthz":
+                healthy, detail = health()
+                start_response("200 OK" if healthy else "503 Service Unavailable",
+                               [("Content-Type", "application/json")])
+                return [json.dumps({"healthy": healthy, **detail}).encode()]
+            return metrics_app(environ, start_response)
+
+        self.server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        self.port = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

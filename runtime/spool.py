@@ -1,0 +1,65 @@
+"""Verdicts waiting for the broker's acknowledgement, kept on disk so a restart does not lose them.
+
+One JSON file per message, named by a growing counter so that sorting the names restores the order.
+Chosen over an append-only log + acknowledged offset because removing an entry (acknowledged,
+dropped for age or overflow, from anywhere in the queue) is a single unlink, no compaction is
+needed, and a torn write can only damage the one file being written. Files are written to a
+temporary name and renamed; there is no fsync per message: the page cache survives a crash or
+restart of the daemon, only a power cut can lose the last few seconds (the counter in
+``SeqCounter`` shows such a loss as a gap).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".json"
+
+
+class Spool:
+    """Ordered records in ``folder``; ``put`` returns a key that ``remove`` takes."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        names = sorted(p.name for p in self.folder.glob(f"*{SUFFIX}"))
+        self._next = int(names[-1].removesuffix(SUFFIX)) + 1 if names else 1
+
+    def put(self, record: dict) -> str:
+        key = f"{self._next:012d}{SUFFIX}"
+        self._next += 1
+        tmp = self.folder / f".{key}.tmp"
+        tmp.write_text(json.dumps(record, separators=(",", ":"), allow_nan=False))
+        os.replace(tmp, self.folder / key)
+        return key
+
+    def remove(self, key: str) -> None:
+        (self.folder / key).unlink(missing_ok=True)
+
+    def load(self) -> tuple[list[tuple[str, dict]], int]:
+        """The records left by a previous run, oldest first, and how many were unreadable.
+
+        An unreadable file (a power cut mid-write) is renamed to ``*.corrupt`` for inspection and
+        counted; temporary files of interrupted writes are removed.
+        """
+        for tmp in self.folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        records: list[tuple[str, dict]] = []
+        corrupt = 0
+        for path in sorted(self.folder.glob(f"*{SUFFIX}")):
+            try:
+                record = json.loads(path.read_text())
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                log.error("spool file %s is unreadable (%s): moved aside as %s.corrupt", path, exc, path.name)
+                path.rename(path.with_name(path.name + ".corrupt"))
+                corrupt += 1
+                continue
+            records.append((path.name, record))
+        return records, corrupt

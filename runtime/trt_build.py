@@ -1,0 +1,165 @@
+"""Build a TensorRT engine from an artifact's ONNX on the GPU box that will run it.
+
+TensorRT 10 (JetPack 6 on Jetson Orin ships 10.3) takes the precision as builder flags and
+INT8 from a calibrator. TensorRT 11 builds strongly typed networks only: FP16 comes from
+converting the ONNX graph to FP16 first, and INT8 would need Q/DQ nodes in the graph, which
+patchline does not produce, so INT8 is refused there. TensorRT is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from patchline.runtime.artifact import Artifact, sha256_file
+from patchline.runtime.config import TensorRtConfig
+from patchline.runtime.engine_cache import EngineError, EngineKey, cache_directory, ensure_engine, write_atomically
+
+
+def tensorrt_module():  # noqa: ANN201 - the tensorrt module
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise EngineError(f"TensorRT's Python package cannot be imported ({exc}); install the 'gpu' extra "
+                          "(pip install 'patchline[gpu]'), or JetPack's python3-libnvinfer on Jetson") from None
+    return tensorrt
+
+
+def weakly_typed(trt) -> bool:  # noqa: ANN001
+    """TensorRT 10 and older pick precisions from builder flags; 11 removed them."""
+    return hasattr(trt.BuilderFlag, "FP16")
+
+
+def engine_key(artifact: Artifact, settings: TensorRtConfig, tensorrt_version: str, compute_capability: str) -> EngineKey:
+    calibration = None
+    if settings.precision == "int8":
+        if not settings.calibration_cache:
+            raise EngineError("an INT8 engine needs tensorrt.calibration_cache: the calibration cache that "
+                              "patchline's INT8 calibration writes")
+        path = Path(settings.calibration_cache)
+        if not path.is_file():
+            raise EngineError(f"{path}: INT8 calibration cache does not exist; run the INT8 calibration first")
+        calibration = sha256_file(path)
+    return EngineKey(
+        onnx_sha256=artifact.manifest.sha256[artifact.manifest.model.file],
+        precision=settings.precision,
+        batch_profile=settings.batch_profile,
+        tensorrt=tensorrt_version,
+        compute_capability=compute_capability,
+        calibration_sha256=calibration,
+    )
+
+
+def convert_to_fp16(source: Path, target: Path) -> None:
+    """An FP16 copy of an FP32 ONNX graph with FP32 inputs and outputs (what TensorRT 11 needs for FP16)."""
+    try:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as exc:
+        raise EngineError(f"an FP16 engine with TensorRT 11 converts the ONNX graph to FP16, which needs the onnx "
+                          f"package ({exc}); install the 'gpu' extra") from None
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    write_atomically(target, model.SerializeToString())
+
+
+def _cache_calibrator(trt, cache: Path):  # noqa: ANN001, ANN202 - a trt.IInt8EntropyCalibrator2
+    class CacheCalibrator(trt.IInt8EntropyCalibrator2):
+        """Replays a calibration cache; it has no images, so TensorRT must accept the cache as it is."""
+
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: list[str]) -> None:
+            return None
+
+        def read_calibration_cache(self) -> bytes:
+            return cache.read_bytes()
+
+        def write_calibration_cache(self, data: bytes) -> None:
+            pass
+
+    return CacheCalibrator()
+
+
+def _set_precision(trt, config, profile, settings: TensorRtConfig, calibrator: object | None) -> None:  # noqa: ANN001
+    if settings.precision == "fp32":
+        # FP32 means FP32: otherwise Ampere and later may run convolutions in TF32 (10-bit mantissa).
+        config.clear_flag(trt.BuilderFlag.TF32)
+    elif settings.precision == "fp16":
+        if weakly_typed(trt):
+            config.set_flag(trt.BuilderFlag.FP16)
+    elif not weakly_typed(trt):
+        raise EngineError(f"TensorRT {trt.__version__} builds only strongly typed networks, so INT8 needs an ONNX "
+                          "with Q/DQ nodes, which patchline does not produce; use fp16, or TensorRT 10 for INT8")
+    else:
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)  # layers without an INT8 kernel fall back to FP16, not FP32
+        config.int8_calibrator = calibrator or _cache_calibrator(trt, Path(settings.calibration_cache))
+        config.set_calibration_profile(profile)
+
+
+def build_plan(onnx_path: Path, input_name: str, chw: tuple[int, int, int], settings: TensorRtConfig,
+               work_dir: Path, calibrator: object | None = None) -> tuple[bytes, dict[str, object]]:
+    """Serialised engine for ``onnx_path`` (input ``input_name`` of shape (N, *chw)) and facts about the build."""
+    trt = tensorrt_module()
+    started = time.perf_counter()
+    source = onnx_path
+    if settings.precision == "fp16" and not weakly_typed(trt):
+        source = work_dir / f"{sha256_file(onnx_path)[:16]}_fp16.onnx"
+        if not source.is_file():
+            convert_to_fp16(onnx_path, source)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(source)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"{source}: TensorRT's ONNX parser rejected the model: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    profile = builder.create_optimization_profile()
+    low, opt, high = settings.batch_profile
+    profile.set_shape(input_name, (low, *chw), (opt, *chw), (high, *chw))
+    config.add_optimization_profile(profile)
+    _set_precision(trt, config, profile, settings, calibrator)
+    timing = None
+    if settings.timing_cache:
+        # Kernel timings depend on the TensorRT version and the GPU: the engine cache's key says both.
+        timing = work_dir / f"timing_trt{trt.__version__}.cache"
+        cache = config.create_timing_cache(timing.read_bytes() if timing.is_file() else b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError(f"{onnx_path}: TensorRT could not build a {settings.precision} engine (its log above says why)")
+    if timing is not None:
+        write_atomically(timing, bytes(config.get_timing_cache().serialize()))
+    return bytes(plan), {"build_seconds": round(time.perf_counter() - started, 1), "workspace_mb": settings.workspace_mb,
+                         "onnx_used": source.name}
+
+
+def prepare_engine(artifact: Artifact, settings: TensorRtConfig, device: object,
+                   calibrator: object | None = None) -> tuple[Path, bool]:
+    """The cached engine for ``artifact`` on ``device`` (a CudaDevice), built now if missing or stale.
+
+    Returns its path and whether it was built. With ``settings.build`` false a missing or stale
+    engine raises EngineError saying why.
+    """
+    trt = tensorrt_module()
+    cache_dir = cache_directory(settings.cache_dir)
+    key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
+    manifest = artifact.manifest
+    work_dir = cache_dir / f"sm{device.compute_capability.replace('.', '')}"
+    work_dir.mkdir(exist_ok=True)
+
+    def make_plan() -> tuple[bytes, dict[str, object]]:
+        with device.active():
+            plan, info = build_plan(artifact.model_path, manifest.preprocess.input_name,
+                                    (3, *manifest.preprocess.image_size), settings, work_dir, calibrator)
+        return plan, {**info, "gpu": device.name, "model_id": manifest.model_id}
+
+    return ensure_engine(cache_dir, key, settings.build, make_plan)
+

@@ -1,0 +1,123 @@
+"""The `patchline` command end to end, as a user runs it (subprocesses, real files)."""
+
+from __future__ import annotations
+
+import json
+import site as site_module
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import SMALL_OVERRIDES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def patchline(*args: str, python: str = sys.executable, cwd: Path | None = None, check: bool = True):
+    result = subprocess.run([python, "-m", "patchline.runtime.cli", *args], capture_output=True, text=True,
+                            cwd=cwd, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"patchline {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def cli_artifact(sample_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "artifact"
+    sets = [arg for o in SMALL_OVERRIDES for arg in ("--set", o)]
+    result = patchline("export", "--images", str(sample_data), "--out", str(out), "--quiet",
+                       "--config", str(ROOT / "configs" / "default.yaml"), *sets)
+    summary = json.loads(result.stdout)
+    assert summary["images_used"] == 20 and summary["images_skipped"] == 0
+    assert summary["bank"] == [2048, 192]
+    assert "coreset" in summary["timings_s"]
+    return out
+
+
+def test_score_prints_json_lines_and_writes_heatmaps(cli_artifact, sample_data, tmp_path):
+    result = patchline("score", "--artifact", str(cli_artifact), "--device", "cpu",
+                       "--heatmap-dir", str(tmp_path / "maps"), str(sample_data / "test"))
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 6 + 3 * 3
+    for line in lines:
+        assert set(line["latency_ms"]) == {"preprocess", "backbone", "distance", "reweight", "map", "total"}
+        x, y = line["max_patch_xy"]
+        assert 0 <= x < 128 and 0 <= y < 128
+        assert Path(line["heatmap"]).is_file()
+    good = [l["score"] for l in lines if "/good/" in l["path"]]
+    bad = [l["score"] for l in lines if "/good/" not in l["path"]]
+    assert np.mean(bad) > np.mean(good)
+
+
+def test_score_reports_unreadable_images_and_exits_nonzero(cli_artifact, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    result = patchline("score", "--artifact", str(cli_artifact), str(tmp_path / "broken.png"), check=False)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["error"].startswith("not a decodable image")
+
+
+def test_bad_config_and_artifact_refuse_with_a_clear_message(tmp_path, sample_data):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scoring:\n  neighbours: 3\n")
+    result = patchline("export", "--config", str(bad), "--images", str(sample_data), "--out", str(tmp_path / "o"),
+                       check=False)
+    assert result.returncode != 0 and "scoring.neighbours: Extra inputs are not permitted" in result.stderr
+    result = patchline("score", "--artifact", str(tmp_path), str(bad), check=False)
+    assert result.returncode != 0 and "missing manifest.json" in result.stderr
+
+
+def test_eval_prints_table_and_auroc(cli_artifact, sample_data, tmp_path):
+    result = patchline("eval", "--artifact", str(cli_artifact), "--data", str(sample_data),
+                       "--report", str(tmp_path / "report"))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("image AUROC"))
+    auroc = float(line.split()[2])
+    assert 0.8 < auroc <= 1.0  # random weights: well above chance, not perfect
+    assert "test/spot/000.png" in result.stdout
+
+
+def test_runtime_scoring_never_imports_torch(cli_artifact, sample_data):
+    code = f"""
+import sys
+from patchline.runtime.cli import main
+from patchline.runtime.inspector import Inspector
+from patchline.runtime.preprocess import read_image, list_images
+inspector = Inspector({str(cli_artifact)!r}, device="cpu")
+for path in list_images({str(sample_data / "test")!r})[:2]:
+    inspector.inspect(read_image(path))
+main(["score", "--artifact", {str(cli_artifact)!r}, {str(sample_data / "test" / "good")!r}])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "torchvision"))
+assert not heavy, heavy
+print("clean")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("clean")
+
+
+def test_non_editable_install_imports_and_runs(tmp_path, cli_artifact, sample_data):
+    """`pip install .` (a real wheel, not the editable checkout) gives a working CLI."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(ROOT)], check=True, timeout=300, capture_output=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    # Dependencies come from the test environment's site-packages; patchline itself only from the wheel.
+    (site / "deps.pth").write_text("\n".join(site_module.getsitepackages()) + "\n")
+    wheel = next(wheels.glob("patchline-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, timeout=300, capture_output=True)
+    python = str(venv / "bin" / "python")
+    where = subprocess.run([python, "-c", "import patchline.runtime as r; print(r.__file__)"], capture_output=True,
+                           text=True, cwd=tmp_path, check=True).stdout.strip()
+    assert where.startswith(str(site)), where
+    result = patchline("score", "--artifact", str(cli_artifact), str(sample_data / "test" / "good" / "000.png"),
+                       python=python, cwd=tmp_path)
+    assert "score" in json.loads(result.stdout)
+    assert (site / "patchline" / "runtime" / "cli.py").is_file()
+    assert os.path.isdir(site / "patchline" / "export") and os.path.isdir(site / "patchline" / "calibration")

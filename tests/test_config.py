@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from patchline.runtime.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_yaml_is_the_anomalib_default():
+    config = load_config(ROOT / "configs" / "default.yaml")
+    assert config == load_config(None)
+    assert config.model.backbone == "wide_resnet50_2"
+    assert config.model.layers == ["layer2", "layer3"]
+    assert config.preprocess.image_size == (256, 256)
+    assert config.coreset.ratio == 0.1
+    assert config.scoring.num_neighbors == 9
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = tmp_path / "line.yaml"
+    path.write_text("model:\n  backbon: resnet18\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "model.backbon" in str(err.value)
+    assert "Extra inputs are not permitted" in str(err.value)
+
+
+def test_bad_value_names_key_and_reason(tmp_path):
+    path = tmp_path / "line.yaml"
+    path.write_text("coreset:\n  ratio: 1.5\n")
+    with pytest.raises(ConfigError, match=r"coreset.ratio: Input should be less than or equal to 1"):
+        load_config(path)
+
+
+def test_bad_weights_and_image_size(tmp_path):
+    with pytest.raises(ConfigError, match="model.weights"):
+        load_config(None, ["model.weights=imagenet"])
+    with pytest.raises(ConfigError, match="at least 32"):
+        load_config(None, ["preprocess.image_size=8"])
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_win_over_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  backbone: resnet50\n")
+    config = load_config(path, ["model.backbone=resnet18", "preprocess.image_size=[128, 160]", "coreset.ratio=0.5"])
+    assert config.model.backbone == "resnet18"
+    assert config.preprocess.image_size == (128, 160)
+    assert config.coreset.ratio == 0.5
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["model.backbone"])

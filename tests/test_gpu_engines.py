@@ -1,0 +1,207 @@
+"""GPU engines: TensorRT (own package + pycuda) and ONNX Runtime's CUDA/TensorRT providers.
+
+What needs no GPU runs everywhere: provider selection, the clear errors on a machine without
+one, the FP16 graph conversion TensorRT 11 builds from, lazy imports, batched inspection.
+The rest runs only where a GPU and the libraries are present, and skips saying which is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from patchline.runtime.artifact import load_artifact
+from patchline.runtime.config import TensorRtConfig
+from patchline.runtime.cuda_device import GpuUnavailable, gpu_unavailable_reason
+from patchline.runtime.engine import OnnxRuntimeEngine, create_engine, onnxruntime_providers
+from patchline.runtime.engine_cache import EngineError
+from patchline.runtime.inspector import Inspector
+from patchline.runtime.preprocess import list_images, read_image
+
+GPU_REASON = gpu_unavailable_reason()
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"no GPU here: {GPU_REASON}")
+_TRT_MISSING = [r for r in (GPU_REASON and f"no GPU here: {GPU_REASON}",
+                             importlib.util.find_spec("tensorrt") is None and "TensorRT's Python package is not installed")
+                if r]
+needs_tensorrt_gpu = pytest.mark.skipif(bool(_TRT_MISSING), reason="; ".join(_TRT_MISSING))
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def reference_batch(artifact) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of 3 and the CPU engine's embeddings for it."""
+    height, width = artifact.manifest.preprocess.image_size
+    batch = np.random.default_rng(0).standard_normal((3, 3, height, width), dtype=np.float32)
+    return batch, OnnxRuntimeEngine(artifact, device="cpu")(batch)
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# --- runs everywhere -------------------------------------------------------------------------------
+
+def test_provider_selection(small_artifact, tmp_path) -> None:
+    artifact = load_artifact(small_artifact)
+    cpu, cuda, trt = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+    assert onnxruntime_providers("auto", [cpu], artifact) == [cpu]
+    assert onnxruntime_providers("auto", [trt, cuda, cpu], artifact) == [cuda, cpu]
+    assert onnxruntime_providers("cpu", [trt, cuda, cpu], artifact) == [cpu]
+    assert onnxruntime_providers("cuda", [cuda, cpu], artifact) == [cuda, cpu]
+    settings = TensorRtConfig(precision="fp32", batch_profile=(1, 2, 8), cache_dir=str(tmp_path))
+    (name, options), *rest = onnxruntime_providers("tensorrt", [trt, cuda, cpu], artifact, settings)
+    assert (name, rest) == (trt, [cuda, cpu])
+    assert options["trt_fp16_enable"] is False and options["trt_engine_cache_enable"] is True
+    assert options["trt_engine_cache_path"] == str(tmp_path / "onnxruntime-trt")
+    assert (options["trt_profile_min_shapes"], options["trt_profile_max_shapes"]) == ("image:1x3x128x128",
+                                                                                      "image:8x3x128x128")
+    with pytest.raises(GpuUnavailable, match="needs onnxruntime-gpu"):
+        onnxruntime_providers("cuda", [cpu], artifact)
+    with pytest.raises(GpuUnavailable, match="TensorrtExecutionProvider"):
+        onnxruntime_providers("tensorrt", [cuda, cpu], artifact)
+    with pytest.raises(ValueError, match="expected one of auto, cpu, cuda, tensorrt"):
+        onnxruntime_providers("gpu", [cpu], artifact)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort_providers(), reason="this onnxruntime has CUDA")
+def test_onnxruntime_cuda_without_it_says_what_is_missing(small_artifact) -> None:
+    with pytest.raises(GpuUnavailable, match="device 'cuda' needs onnxruntime-gpu"):
+        Inspector(small_artifact, device="cuda")
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="a GPU is present")
+def test_gpu_parts_without_a_gpu_say_what_is_missing(small_artifact) -> None:
+    with pytest.raises((GpuUnavailable, EngineError)):
+        create_engine("tensorrt", load_artifact(small_artifact))
+    with pytest.raises(GpuUnavailable):
+        Inspector(small_artifact, device="cpu", distance="cuda")
+    from patchline.runtime.cli import main
+
+    for command in (["engine", "--artifact", str(small_artifact)], ["bench-gpu", "--artifact", str(small_artifact)]):
+        with pytest.raises(SystemExit, match="patchline: (pycuda|the CUDA driver|CUDA device)"):
+            main(command)
+
+
+def test_gpu_libraries_are_imported_lazily() -> None:
+    code = ("import sys\n"
+            "import patchline.runtime.cli, patchline.runtime.engine, patchline.runtime.inspector\n"
+            "import patchline.runtime.gpu_distance, patchline.runtime.tensorrt_engine, patchline.runtime.trt_build\n"
+            "import patchline.runtime.bench_gpu\n"
+            "print(sorted(m for m in ('tensorrt', 'pycuda', 'cupy', 'torch', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_fp16_graph_for_tensorrt_11(small_artifact, tmp_path) -> None:
+    """TensorRT 11 has no FP16 builder flag: the graph itself is converted, keeping FP32 inputs and outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from patchline.runtime.trt_build import convert_to_fp16
+
+    artifact = load_artifact(small_artifact)
+    target = tmp_path / "model_fp16.onnx"
+    convert_to_fp16(artifact.model_path, target)
+    model = onnx.load(str(target))
+    assert {i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]} == {onnx.TensorProto.FLOAT}
+    assert {t.data_type for t in model.graph.initializer if t.dims} == {onnx.TensorProto.FLOAT16}
+    batch, want = reference_batch(artifact)
+    got = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"image": batch})[0]
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert relative_error(got, want) < 5e-3
+
+
+def test_batched_inspection_equals_single(small_artifact, sample_data) -> None:
+    inspector = Inspector(small_artifact, device="cpu")
+    images = [read_image(p) for p in list_images(sample_data / "test")[:3]]
+    batched = inspector.inspect_batch(images)
+    for image, result in zip(images, batched):
+        single = inspector.inspect(image)
+        assert result.score == pytest.approx(single.score, rel=1e-5)
+        assert result.location == single.location
+        np.testing.assert_allclose(result.anomaly_map, single.anomaly_map, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="distance 'gpu'"):
+        Inspector(small_artifact, device="cpu", distance="gpu")
+
+
+# --- runs only with a GPU ----------------------------------------------------------------------------
+
+@needs_tensorrt_gpu
+@pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-3), ("fp16", 3e-2)])
+def test_tensorrt_engine_matches_cpu(small_artifact, tmp_path, precision: str, tolerance: float) -> None:
+    from patchline.runtime.tensorrt_engine import TensorRtEngine
+
+    artifact = load_artifact(small_artifact)
+    settings = TensorRtConfig(precision=precision, batch_profile=(1, 2, 4), cache_dir=str(tmp_path),
+                              workspace_mb=512)
+    engine = TensorRtEngine(artifact, settings=settings)
+    assert engine.built and engine.engine_file.is_file() and engine.engine_file.with_suffix(".json").is_file()
+    assert (engine.min_batch, engine.max_batch) == (1, 4)
+    batch, want = reference_batch(artifact)
+    for n in (1, 3):
+        assert relative_error(engine(batch[:n]), want[:n]) < tolerance
+    six = np.concatenate([batch, batch])  # more than the profile's max: split into 4 + 2
+    assert relative_error(engine(six), np.concatenate([want, want])) < tolerance
+    again = TensorRtEngine(artifact, settings=settings)
+    assert not again.built and again.engine_file == engine.engine_file
+    assert list(tmp_path.glob("sm*/timing_trt*.cache")), "the timing cache is kept"
+
+
+@needs_tensorrt_gpu
+def test_tensorrt_engine_refuses_to_build_when_disabled(small_artifact, tmp_path) -> None:
+    from patchline.runtime.tensorrt_engine import TensorRtEngine
+
+    settings = TensorRtConfig(cache_dir=str(tmp_path), build=False)
+    with pytest.raises(EngineError, match="no engine has been built for it yet.*building is disabled"):
+        TensorRtEngine(load_artifact(small_artifact), settings=settings)
+
+
+@needs_tensorrt_gpu
+def test_inspector_on_gpu_scores_like_cpu(small_artifact, sample_data, tmp_path) -> None:
+    settings = TensorRtConfig(precision="fp32", cache_dir=str(tmp_path))
+    gpu = Inspector(small_artifact, engine="tensorrt", distance="cuda", settings=settings)
+    cpu = Inspector(small_artifact, device="cpu")
+    for path in list_images(sample_data / "test")[:4]:
+        image = read_image(path)
+        assert gpu.inspect(image).score == pytest.approx(cpu.inspect(image).score, rel=2e-3)
+
+
+@needs_gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort_providers(), reason="onnxruntime-gpu is not installed")
+def test_onnxruntime_cuda_matches_cpu(small_artifact) -> None:
+    artifact = load_artifact(small_artifact)
+    engine = OnnxRuntimeEngine(artifact, device="cuda")
+    assert engine.providers[0] == "CUDAExecutionProvider"
+    batch, want = reference_batch(artifact)
+    assert relative_error(engine(batch), want) < 1e-3
+
+
+@needs_gpu
+@pytest.mark.skipif("TensorrtExecutionProvider" not in ort_providers(),
+                    reason="this onnxruntime has no TensorRT execution provider")
+def test_onnxruntime_tensorrt_provider_matches_cpu(small_artifact, tmp_path) -> None:
+    artifact = load_artifact(small_artifact)
+    engine = OnnxRuntimeEngine(artifact, device="tensorrt", tensorrt=TensorRtConfig(cache_dir=str(tmp_path)))
+    batch, want = reference_batch(artifact)
+    assert relative_error(engine(batch), want) < 3e-2
+    assert any((tmp_path / "onnxruntime-trt").iterdir()), "ONNX Runtime cached its TensorRT engine"
+
+
+@needs_gpu
+def test_bench_gpu_writes_results(small_artifact, tmp_path) -> None:
+    from patchline.runtime.bench_gpu import run_benchmark, write_results
+
+    results = run_benchmark(small_artifact, repeats=3, batch=2,
+                            settings=TensorRtConfig(cache_dir=str(tmp_path / "cache")))
+    path = write_results(results, tmp_path / "results")
+    assert path.is_file() and results["device"]["compute_capability"]
+    kernel = results["distance_kernel"]
+    assert kernel["fp32_queries_256"]["kernel_device"]["tflops"] > 0

@@ -1,0 +1,176 @@
+"""The CUDA distance + top-k kernel against the CPU's ``distance.nearest``.
+
+Three levels, each skipping with its reason where it cannot run:
+- nvcc/ptxas compile the source for Jetson Orin (sm_87) and H100 (sm_90) and report no register spills;
+- the kernel source runs on the CPU under tests/cuda_emulation.cpp, driven by GpuNearest's launch plan;
+- on a real GPU (pycuda + a device), GpuNearest itself.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from patchline.runtime.distance import nearest
+from patchline.runtime.gpu_distance import KERNEL_FILE, MAX_K, compile_options, geometry, plan_queries
+from tests import cuda_emulator
+
+# (queries, bank rows, dims): tile-aligned and not; bank rows not divisible by the 64-row tile;
+# dims not divisible by the 32-dim chunk, and odd (FP16 pads a column).
+SHAPES = [(64, 128, 64), (70, 150, 40), (1, 65, 33), (130, 97, 96)]
+FP32_RTOL = 1e-4
+# FP16 rounds every input to 11 significant bits (relative 4.9e-4); squared distances of random
+# rows then differ from FP32 by about 1e-4 relative. Stated bound, with margin:
+FP16_RTOL = 2e-3
+
+
+def rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    return rng.standard_normal((n, d), dtype=np.float32)
+
+
+def assert_same_neighbours(x: np.ndarray, bank: np.ndarray, got_d: np.ndarray, got_i: np.ndarray, k: int,
+                           rtol: float) -> None:
+    """Distances match the CPU within rtol, and indices match except where two bank rows are as
+    near as the tolerance can tell apart (ties): there the GPU's row must truly be that near."""
+    want_d, want_i = nearest(x, bank, k)
+    assert got_d.shape == got_i.shape == (x.shape[0], k)
+    np.testing.assert_allclose(got_d, want_d, rtol=rtol)
+    exact = np.linalg.norm(x[:, None, :].astype(np.float64) - bank[got_i].astype(np.float64), axis=2)
+    np.testing.assert_allclose(exact, want_d, rtol=rtol)
+    assert (got_i == want_i).mean() > 0.95
+    assert all(len(set(r)) == k for r in got_i)
+
+
+def test_launch_plan_covers_every_tile_once() -> None:
+    g = geometry()
+    for n, m, sms in [(1, 10, 132), (784, 16384, 132), (6272, 16384, 16), (64, 64, 1), (300, 100_000, 8)]:
+        plan = plan_queries(n, m, 384, 9, "fp32", sms)
+        topk = plan.launches[1]
+        query_blocks, slices = topk.grid
+        per_slice = topk.args[7]
+        tiles = -(-m // g["TILE"])
+        assert query_blocks * g["TILE"] >= n > (query_blocks - 1) * g["TILE"]
+        assert (slices - 1) * per_slice < tiles <= slices * per_slice  # no empty slice, none missing
+        assert plan.buffers["part_d"][0] == (slices * g["LANES"] * 9, n)
+        assert plan.launches[2].args[3] == slices * g["LANES"]
+
+
+NO_NVCC = "nvcc not installed: the kernel source is not compiled on this machine"
+ENTRIES = {"euclidean_topk_f32", "euclidean_topk_f16", "merge_topk", "sq_norms_f32", "sq_norms_f16"}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason=NO_NVCC)
+def test_kernel_compiles_without_spills(tmp_path) -> None:
+    """For Jetson Orin (sm_87) and H100 (sm_90), up to MAX_K: ptxas keeps the top-k lists and the
+    tile accumulators in registers (no stack frame, no spills)."""
+
+    def compile_k(k: int) -> str:
+        result = subprocess.run(
+            ["nvcc", "-fatbin", "-gencode", "arch=compute_87,code=sm_87", "-gencode", "arch=compute_90,code=sm_90",
+             "-Xptxas", "-v", *compile_options(k), "-o", str(tmp_path / f"k{k}.fatbin"), str(KERNEL_FILE)],
+            capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    with ThreadPoolExecutor(2) as pool:
+        for report in pool.map(compile_k, (9, MAX_K)):
+            for arch in ("sm_87", "sm_90"):
+                compiled = set(re.findall(rf"Compiling entry function '(\w+)' for '{arch}'", report))
+                assert compiled == ENTRIES, report
+            assert re.findall(r"(\d+) bytes spill stores", report) == ["0"] * 10, report
+            assert re.findall(r"(\d+) bytes stack frame", report) == ["0"] * 10, report
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason=NO_NVCC)
+def test_kernel_compiles_to_ptx(tmp_path) -> None:
+    out = tmp_path / "k.ptx"
+    subprocess.run(["nvcc", "-ptx", "-arch=sm_87", *compile_options(9), "-o", str(out), str(KERNEL_FILE)], check=True)
+    assert set(re.findall(r"\.entry (\w+)\(", out.read_text())) == ENTRIES
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The kernel compiled for the CPU, for k = 1 and 9 (built in parallel)."""
+    reason = cuda_emulator.unavailable_reason()
+    if reason:
+        pytest.skip(f"kernel emulation unavailable: {reason}")
+    workdir = tmp_path_factory.mktemp("emulation")
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip((1, 9), pool.map(lambda k: cuda_emulator.EmulatedKernels(k, workdir), (1, 9))))
+
+
+@pytest.mark.parametrize("precision,rtol", [("fp32", FP32_RTOL), ("fp16", FP16_RTOL)])
+@pytest.mark.parametrize("k", [1, 9])
+def test_emulated_kernel_matches_cpu(emulated, precision: str, rtol: float, k: int) -> None:
+    rng = np.random.default_rng(k)
+    for shape, sm_count in zip(SHAPES, (1, 32, 32, 1)):
+        # Few multiprocessors: one slice per query block; many: the bank split into slices.
+        n, m, d = shape
+        x, bank = rows(rng, n, d), rows(rng, m, d)
+        got_d, got_i = emulated[k].nearest(x, bank, precision, sm_count)
+        assert_same_neighbours(x, bank, got_d, got_i, k, rtol)
+
+
+def test_emulated_kernel_breaks_ties_by_index(emulated) -> None:
+    """Duplicate bank rows are exact ties: the lower index wins, as on the CPU. Rows 8, 5 and 3 are
+    folded by lanes 0, 1 and 3, so the merge meets them in the order 8, 5, 3; row 70 is in another slice."""
+    rng = np.random.default_rng(5)
+    bank = rows(rng, 100, 24)
+    bank[[5, 8, 70]] = bank[3]
+    x = bank[[3]] + 0.01
+    got_d, got_i = emulated[9].nearest(x, bank, "fp32", 4)
+    assert list(got_i[0, :4]) == [3, 5, 8, 70]
+    assert len(set(got_d[0, :4])) == 1
+
+
+def test_query_checks() -> None:
+    from patchline.runtime.gpu_distance import check_query
+
+    with pytest.raises(ValueError, match="do not match the bank's 8 dims"):
+        check_query(np.zeros((3, 7), np.float32), (10, 8), 1)
+    with pytest.raises(ValueError, match=f"at most {MAX_K}"):
+        check_query(np.zeros((3, 8), np.float32), (100, 8), MAX_K + 1)
+
+
+def _gpu_reason() -> str | None:
+    from patchline.runtime.cuda_device import gpu_unavailable_reason
+
+    return gpu_unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    reason = _gpu_reason()
+    if reason:
+        pytest.skip(f"no GPU here: {reason}")
+    from patchline.runtime.cuda_device import CudaDevice
+
+    return CudaDevice()
+
+
+@pytest.mark.parametrize("precision,rtol", [("fp32", FP32_RTOL), ("fp16", FP16_RTOL)])
+def test_gpu_kernel_matches_cpu(gpu, tmp_path, precision: str, rtol: float) -> None:
+    from patchline.runtime.gpu_distance import GpuNearest
+
+    rng = np.random.default_rng(7)
+    for n, m, d in [*SHAPES, (784, 4100, 384), (1, 20000, 1536)]:
+        x, bank = rows(rng, n, d), rows(rng, m, d)
+        gpu_nearest = GpuNearest(bank, precision, gpu, cache_dir=tmp_path)
+        for k in (1, 9):
+            got_d, got_i = gpu_nearest.nearest(x, k)
+            assert_same_neighbours(x, bank, got_d, got_i, k, rtol)
+    assert any((tmp_path / "kernels").iterdir()), "compiled modules are cached on disk"
+
+
+def test_gpu_kernel_timing(gpu, tmp_path) -> None:
+    from patchline.runtime.gpu_distance import GpuNearest
+
+    rng = np.random.default_rng(8)
+    gpu_nearest = GpuNearest(rows(rng, 2000, 384), "fp32", gpu, cache_dir=tmp_path)
+    times = gpu_nearest.time_kernels(rows(rng, 784, 384), 1, 5)
+    assert len(times) == 5 and all(t > 0 for t in times)

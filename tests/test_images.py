@@ -1,0 +1,63 @@
+import cv2
+import numpy as np
+import pytest
+
+from patchline.export.fit import load_good_images
+from patchline.runtime.preprocess import ImageError, read_image
+
+
+@pytest.fixture()
+def odd_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    folder = tmp_path / "good"
+    (folder / "sub").mkdir(parents=True)
+    cv2.imwrite(str(folder / "ok.png"), bgr)
+    cv2.imwrite(str(folder / "sub" / "gray.png"), bgr[..., 0])
+    cv2.imwrite(str(folder / "rgba.png"), np.dstack([bgr, np.full(bgr.shape[:2], 128, np.uint8)]))
+    cv2.imwrite(str(folder / "deep.tif"), bgr.astype(np.uint16) * 257)
+    cv2.imwrite(str(folder / "photo.jpg"), bgr)
+    (folder / "empty.png").write_bytes(b"")
+    data = (folder / "photo.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])
+    png = (folder / "ok.png").read_bytes()
+    (folder / "cut.png").write_bytes(png[: len(png) // 2])
+    (folder / "notes.txt").write_text("not an image, not listed")
+    return folder, bgr
+
+
+def test_conversions_to_rgb8(odd_folder):
+    folder, bgr = odd_folder
+    rgb = bgr[..., ::-1]
+    np.testing.assert_array_equal(read_image(folder / "ok.png"), rgb)
+    gray = read_image(folder / "sub" / "gray.png")
+    assert gray.shape == (40, 50, 3) and (gray[..., 0] == bgr[..., 0]).all()
+    np.testing.assert_array_equal(read_image(folder / "rgba.png"), rgb)
+    np.testing.assert_array_equal(read_image(folder / "deep.tif"), rgb)
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("empty.png", "empty file"),
+    ("cut.jpg", "truncated JPEG"),
+    ("cut.png", "not a decodable image"),
+    ("missing.png", "cannot read"),
+])
+def test_bad_files_name_path_and_reason(odd_folder, name, reason):
+    folder, _ = odd_folder
+    with pytest.raises(ImageError, match=reason) as err:
+        read_image(folder / name)
+    assert name in str(err.value)
+
+
+def test_export_loader_skips_and_reports(odd_folder):
+    folder, _ = odd_folder
+    images, skipped = load_good_images(folder)
+    assert len(images) == 5  # ok, gray, rgba, 16-bit tif, jpg
+    assert len(skipped) == 3
+    assert any("empty.png: empty file" in s for s in skipped)
+    assert any("cut.jpg" in s for s in skipped) and any("cut.png" in s for s in skipped)
+
+
+def test_mvtec_category_uses_train_good(sample_data):
+    images, skipped = load_good_images(sample_data)
+    assert len(images) == 20 and not skipped
