@@ -7,7 +7,7 @@ CONFIG ?= configs/default.yaml
 IMAGES ?= $(DEMO)/data
 ARTIFACT ?= artifacts/model
 
-.PHONY: demo test export system-deps venv clean engine bench-gpu install
+.PHONY: demo test export system-deps venv clean engine bench bench-gpu install
 
 # Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
 system-deps:
@@ -69,3 +69,15 @@ install: system-deps
 
 clean:
 	rm -rf $(DEMO) artifacts .pytest_cache
+
+# CPU benchmark (README "Benchmark"): the issue's headline case, wide_resnet50_2 (random weights) at
+# 224×224 with a 16384-row bank from a real export of 200 synthetic images (built once into bench/cache).
+BENCH_CACHE ?= bench/cache
+BENCH_SIZE  ?= 224
+BENCH_ARGS  ?= --variants exact,plain --compare
+bench: venv
+	@test -f $(BENCH_CACHE)/artifact/manifest.json || { \
+	  $(BIN)/patchline sample-data $(BENCH_CACHE)/data --train 200 --test-good 20 --per-defect 10 && \
+	  $(BIN)/patchline export --config configs/demo.yaml --images $(BENCH_CACHE)/data --out $(BENCH_CACHE)/artifact \
+	    --quiet --set preprocess.image_size=$(BENCH_SIZE) --set coreset.ratio=0.10449; }
+	$(BIN)/patchline bench --artifact $(BENCH_CACHE)/artifact --images $(BENCH_CACHE)/data $(BENCH_ARGS)

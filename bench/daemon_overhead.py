@@ -94,7 +94,7 @@ def measure(cfg: RunConfig, frames: int) -> dict:
             read = (t1 - t0) * 1000
             post = (t2 - t1) * 1000 - lat["total"]
             rows.append({"read": read, "preprocess": lat["preprocess"], "post": post,
-                         "model": lat["backbone"] + lat["distance"] + lat["score"],
+                         "model": lat["backbone"] + lat["distance"] + lat["reweight"] + lat["map"],
                          "overhead": read + lat["preprocess"] + post})
     finally:
         daemon.shutdown()

@@ -68,6 +68,7 @@ from patchline.runtime.artifact import (
     sha256_file,
     write_manifest,
 )
+from patchline.runtime.bank_index import build_index, write_index
 from patchline.runtime.config import IMAGENET_MEAN, IMAGENET_STD
 from patchline.runtime.decision import Calibration
 
@@ -342,6 +343,7 @@ def import_anomalib(checkpoint: str | Path, out_dir: str | Path, opset: int = 17
 
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / BANK_FILE, bank)
+    extra_files = write_index(out, build_index(bank, model.num_neighbors))  # the runtime's default search
     export_onnx(module, input_size, out / MODEL_FILE, opset)
     diff = verify_onnx(module, out / MODEL_FILE, input_size, tolerance)
     log.info("imported %s: bank %s, ONNX Runtime vs torch max abs diff %.3g", checkpoint.name, bank.shape, diff)
@@ -365,5 +367,6 @@ def import_anomalib(checkpoint: str | Path, out_dir: str | Path, opset: int = 17
         tool_versions=_tool_versions(),
         sha256={},
         calibration=model.calibration,
+        extra_files=extra_files,
     )
     return write_manifest(out, manifest)

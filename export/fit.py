@@ -32,6 +32,7 @@ from patchline.runtime.artifact import (
     now_iso,
     write_manifest,
 )
+from patchline.runtime.bank_index import build_index, write_index
 from patchline.runtime.config import Config
 from patchline.runtime.preprocess import ImageError, Preprocessor, list_images, read_image
 
@@ -107,6 +108,9 @@ def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path,
     t2 = time.perf_counter()
     log.info("coreset: %d of %d rows in %.1f s", bank.shape[0], rows.shape[0], t2 - t1)
     np.save(out / BANK_FILE, bank)
+    extra_files = write_index(out, build_index(bank, config.scoring.num_neighbors))
+    t3 = time.perf_counter()
+    log.info("bank index (projection, k-NN graph) in %.1f s", t3 - t2)
 
     export_onnx(module, pre.image_size, out / MODEL_FILE, config.export.opset)
     diff = verify_onnx(module, out / MODEL_FILE, pre.image_size, config.export.tolerance)
@@ -148,9 +152,10 @@ def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path,
             images_used=len(images),
             images_skipped=len(skipped),
             skipped=skipped,
-            timings_s={"embedding": round(t1 - t0, 3), "coreset": round(t2 - t1, 3)},
+            timings_s={"embedding": round(t1 - t0, 3), "coreset": round(t2 - t1, 3), "bank_index": round(t3 - t2, 3)},
         ),
         tool_versions=_tool_versions(),
         sha256={},
+        extra_files=extra_files,
     )
     return write_manifest(out, manifest)

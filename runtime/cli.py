@@ -242,6 +242,28 @@ def cmd_import_anomalib(args: argparse.Namespace) -> None:
     }))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from patchline.runtime.bank_index import SEARCH_DIMS
+    from patchline.runtime.bench import BenchOptions, format_table, run_bench
+
+    variants = [v if "@" in v or not args.model_file else f"{v}@{args.model_file}" for v in args.variants.split(",") if v]
+    options = BenchOptions(
+        artifact=args.artifact, images=args.images, frames=args.frames, warmup=args.warmup, threads=args.threads,
+        variants=variants, dims=args.dims or SEARCH_DIMS, bank_size=args.bank_size,
+        random_bank=args.random_bank, graph_optimization=args.graph_opt, compare=args.compare,
+        baseline_weights=args.baseline_weights, publish=args.publish, accuracy=args.accuracy, out_dir=args.out,
+    )
+    print(format_table(run_bench(options)))
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from patchline.runtime.bank_index import add_index
+
+    index = add_index(args.artifact)
+    print(json.dumps({"artifact": str(args.artifact), "projection_dims": index.basis.shape[1],
+                      "knn": list(index.knn.shape) if index.knn is not None else None}))
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     import signal
 
@@ -380,6 +402,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="artifact folder to write")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=cmd_import_anomalib)
+
+    p = sub.add_parser("bench", help="per-stage CPU latency vs the arithmetic floor (and vs eager torch)")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--images", type=Path, help="frames: an image folder or MVTec category (default: noise frames)")
+    p.add_argument("--frames", type=int, default=30, help="timed frames per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime and torch intra-op threads")
+    p.add_argument("--variants", default="exact",
+                   help="comma list of plain, projected, exact, approximate; NAME:DIMS for other projected dims, "
+                        "NAME@MODEL_FILE for another model file")
+    p.add_argument("--model-file", help="model file of the artifact for every variant, e.g. model.int8.onnx")
+    p.add_argument("--dims", type=int, default=None, help="projected dimensions of the bound search")
+    p.add_argument("--bank-size", type=int, help="subsample the bank to this many rows (or size of --random-bank)")
+    p.add_argument("--random-bank", action="store_true", help="Gaussian bank rows with the bank's mean/std")
+    p.add_argument("--graph-opt", choices=["disable", "basic", "extended", "all"], default="all",
+                   help="ONNX Runtime graph optimisation level")
+    p.add_argument("--compare", action="store_true", help="also run the eager-torch baseline (needs the export extra)")
+    p.add_argument("--baseline-weights", help="weights file for the baseline when the manifest's cannot be rebuilt")
+    p.add_argument("--publish", metavar="HOST:PORT", help="time a QoS-1 MQTT publish per frame to this broker")
+    p.add_argument("--accuracy", type=Path, metavar="DATA", help="MVTec-layout folder: AUROC and score drift per variant")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("index", help="add the bank search index to an artifact exported without one")
+    p.add_argument("artifact", type=Path)
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("run", help="the edge daemon: inspect a camera's frames and publish verdicts over MQTT")
     p.add_argument("--config", type=Path, required=True, help="run config, e.g. configs/line.yaml")

@@ -24,6 +24,8 @@ class Engine(Protocol):
 
 
 ENGINES: dict[str, Callable[..., Engine]] = {}
+GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                      "all": "ORT_ENABLE_ALL"}
 
 
 def register(name: str) -> Callable[[Callable[..., Engine]], Callable[..., Engine]]:
@@ -107,15 +109,20 @@ class OnnxRuntimeEngine:
         device: str = "auto",
         threads: int | None = None,
         model_file: str | None = None,
+        graph_optimization: str = "all",
         tensorrt: TensorRtConfig | None = None,
     ) -> None:
         import onnxruntime as ort
 
         providers = onnxruntime_providers(device, ort.get_available_providers(), artifact, tensorrt)
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if graph_optimization not in GRAPH_OPTIMIZATION:
+            raise ValueError(f"graph_optimization {graph_optimization!r}: one of {', '.join(GRAPH_OPTIMIZATION)}")
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         path = artifact.file(model_file or artifact.manifest.model.file)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no such model file in the artifact")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.providers = self.session.get_providers()
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
+from patchline.runtime.bank_index import SEARCH_DIMS, read_index
 from patchline.runtime.engine import create_engine
 from patchline.runtime.score import MemoryBank, anomaly_map, image_score
 
@@ -40,6 +41,8 @@ class Inspector:
         engine: str = "onnxruntime",
         distance: str = "cpu",
         precision: str = "fp32",
+        approximate: bool = False,
+        search_dims: int = SEARCH_DIMS,
         **engine_options: object,
     ) -> None:
         if distance not in DISTANCES:
@@ -48,16 +51,17 @@ class Inspector:
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
         self.precision = precision
-        self.model_file = self.artifact.model_file(precision)
-        if precision != "fp32":  # engines run the manifest's fp32 model unless told another file
+        # An explicit model file (the benchmark's NAME@FILE variants) wins over the precision's.
+        self.model_file = str(engine_options.get("model_file") or self.artifact.model_file(precision))
+        if self.model_file != manifest.model.file:  # engines run the manifest's fp32 model unless told another file
             engine_options["model_file"] = self.model_file
         self.engine = create_engine(engine, self.artifact, **engine_options)
-        self.bank = MemoryBank(self.artifact.bank)
-        self.nearest = self.bank.nearest
+        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, engine_options.get("threads"))
+        self.gpu_bank = None
         if distance != "cpu":
             from patchline.runtime.gpu_distance import GpuNearest
 
-            self.nearest = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32").nearest
+            self.gpu_bank = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32")
         self.num_neighbors = manifest.num_neighbors
 
     def warm_up(self) -> None:
@@ -78,19 +82,24 @@ class Inspector:
         t2 = clock()
         count, h, w, dim = embeddings.shape
         patches = embeddings.reshape(count, h * w, dim)
-        dist, idx = self.nearest(patches.reshape(count * h * w, dim), 1)
+        dist, idx = (self.gpu_bank or self.bank).nearest(patches.reshape(count * h * w, dim), 1)
         dist, idx = dist[:, 0].reshape(count, h * w), idx[:, 0].reshape(count, h * w)
         t3 = clock()
         crop_top, crop_left, in_h, in_w = self.preprocess.crop_box()
         size_h, size_w = self.preprocess.image_size
+        reweight = amaps = 0.0
         scored = []
         for i, rgb in enumerate(images):
+            t = clock()
             score, top = image_score(self.bank, patches[i], dist[i], idx[i], self.num_neighbors)
+            reweight += clock() - t
+            t = clock()
             amap = anomaly_map(dist[i].reshape(h, w), (in_h, in_w))
             if (in_h, in_w) != (size_h, size_w):  # a centre crop: the margin was not inspected (0)
                 full = np.zeros((size_h, size_w), np.float32)
                 full[crop_top : crop_top + in_h, crop_left : crop_left + in_w] = amap
                 amap = full
+            amaps += clock() - t
             row, col = divmod(top, w)
             src_h, src_w = rgb.shape[:2]
             location = (
@@ -99,7 +108,7 @@ class Inspector:
             )
             scored.append((score, amap, location))
         t4 = clock()
-        timings = {"preprocess": t1 - t0, "backbone": t2 - t1, "distance": t3 - t2, "score": t4 - t3}
+        timings = {"preprocess": t1 - t0, "backbone": t2 - t1, "distance": t3 - t2, "reweight": reweight, "map": amaps}
         timings = {k: round(v * 1000.0, 3) for k, v in timings.items()}
         timings["total"] = round((t4 - t0) * 1000.0, 3)
         return [Inspection(score=s, anomaly_map=a, location=loc, timings_ms=dict(timings)) for s, a, loc in scored]

@@ -1,7 +1,7 @@
 """PatchCore scoring on patch embeddings: nearest-neighbour patch scores, the paper's
 k-neighbour reweighting of the image score, and the blurred anomaly map.
 
-Formulas follow anomalib's PatchcoreModel (see tests/reference.py for the torch twin).
+Formulas follow anomalib's PatchcoreModel (export/torch_baseline.py is the torch twin).
 """
 
 from __future__ import annotations
@@ -9,24 +9,55 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from patchline.runtime.distance import euclidean_dist, nearest, squared_norms
+from patchline.runtime.bank_index import SEARCH_DIMS, BankIndex
+from patchline.runtime.distance import ProjectedSearch, euclidean_dist, nearest, squared_norms
 
 MAP_SIGMA = 4.0
 MAP_KERNEL = 2 * int(4.0 * MAP_SIGMA + 0.5) + 1  # 33, as anomalib's AnomalyMapGenerator
 
 
 class MemoryBank:
-    """The bank rows with their squared norms, computed once at load."""
+    """The bank rows with their squared norms, and the search the artifact's index allows.
 
-    def __init__(self, rows: np.ndarray) -> None:
+    With the index's projection the nearest-row search is ``ProjectedSearch`` on its leading
+    ``dims`` directions (exact unless ``approximate``); with its k-NN graph the reweighting
+    reads each row's neighbours instead of searching. Without them: the plain blocked search.
+    """
+
+    def __init__(
+        self,
+        rows: np.ndarray,
+        index: BankIndex | None = None,
+        dims: int = SEARCH_DIMS,
+        approximate: bool = False,
+        threads: int | None = None,
+    ) -> None:
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
         self.sq_norms = squared_norms(self.rows)
+        index = index or BankIndex()
+        self.threads = threads
+        self.knn = index.knn
+        self.search = None
+        if index.basis is not None:
+            basis = index.basis[:, :dims]
+            self.search = ProjectedSearch(self.rows, self.sq_norms, index.mean, basis, approximate, threads)
+        elif approximate:
+            raise ValueError("the approximate search needs the bank projection, which this artifact lacks")
 
     def __len__(self) -> int:
         return self.rows.shape[0]
 
     def nearest(self, x: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        return nearest(x, self.rows, k, self.sq_norms)
+        if k == 1 and self.search is not None:
+            dist, index = self.search.nearest(x)
+            return dist[:, None], index[:, None]
+        return nearest(x, self.rows, k, self.sq_norms, threads=self.threads)
+
+    def neighbours(self, row: int, k: int) -> np.ndarray:
+        """The ``k`` nearest bank rows of bank row ``row`` (itself first): from the graph when it has them."""
+        if self.knn is not None and self.knn.shape[1] >= k:
+            return self.knn[row, :k].astype(np.int64)
+        return nearest(self.rows[row : row + 1], self.rows, k, self.sq_norms, threads=self.threads)[1][0]
 
 
 def reweight(
@@ -36,8 +67,11 @@ def reweight(
     if num_neighbors == 1:
         return patch_score
     k = min(num_neighbors, len(bank))
-    _, support = bank.nearest(bank.rows[nn_index : nn_index + 1], k)
-    d = euclidean_dist(patch[None, :], bank.rows[support[0]], y_sq=bank.sq_norms[support[0]])[0].astype(np.float64)
+    support = bank.neighbours(nn_index, k)
+    # Only the first (m* itself) has a place in the formula; a fixed order for the others makes the
+    # softmax sum, and so the score, bit-identical whichever search found them.
+    support = np.concatenate([support[:1], np.sort(support[1:])])
+    d = euclidean_dist(patch[None, :], bank.rows[support], y_sq=bank.sq_norms[support])[0].astype(np.float64)
     softmax = np.exp(d - d.max())
     softmax /= softmax.sum()
     return float((1.0 - softmax[0]) * patch_score)

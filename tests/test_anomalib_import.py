@@ -146,6 +146,7 @@ def test_lightning_checkpoint_with_default_preprocessing_scores_as_anomalib(tmp_
     manifest = load_artifact(tmp_path / "artifact").manifest
     assert (manifest.preprocess.image_size, manifest.preprocess.input_size) == ((256, 256), (224, 224))
     assert manifest.model.patch_grid == (28, 28) and manifest.num_neighbors == 9
+    assert manifest.extra_files  # the bank index: the runtime scores with its default search
 
     paths = list_images(data_256 / "test")
     bank = lightning.model.memory_bank

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import site as site_module
 import os
 import subprocess
 import sys
@@ -45,7 +44,7 @@ def test_score_prints_json_lines_and_writes_heatmaps(cli_artifact, sample_data, 
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 6 + 3 * 3
     for line in lines:
-        assert set(line["latency_ms"]) == {"preprocess", "backbone", "distance", "score", "total"}
+        assert set(line["latency_ms"]) == {"preprocess", "backbone", "distance", "reweight", "map", "total"}
         x, y = line["max_patch_xy"]
         assert 0 <= x < 128 and 0 <= y < 128
         assert Path(line["heatmap"]).is_file()
@@ -107,8 +106,10 @@ def test_non_editable_install_imports_and_runs(tmp_path, cli_artifact, sample_da
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
-    # Dependencies come from the test environment's site-packages; patchline itself only from the wheel.
-    (site / "deps.pth").write_text("\n".join(site_module.getsitepackages()) + "\n")
+    # Dependencies come from the test environment's site-packages (also those it reaches through a .pth file,
+    # as a venv layered on a shared one does); patchline itself only from the wheel.
+    deps = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    (site / "deps.pth").write_text("\n".join(deps) + "\n")
     wheel = next(wheels.glob("patchline-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, timeout=300, capture_output=True)

@@ -1,0 +1,485 @@
+"""`patchline bench`: per-stage latency of the CPU path, against the machine's arithmetic floor.
+
+One run measures, on the same frames: decode, preprocess, backbone, distance, reweight,
+map (and a QoS-1 MQTT publish when a broker is given) for each asked-for variant of the
+runtime, the machine's sgemm rate, and — with ``compare`` — the eager-torch baseline
+(export/torch_baseline.py, imported only then). Variants run interleaved, frame by
+frame, so load from other processes spreads over all of them alike; the baseline takes
+turns of a few frames with the default variant. Results go to
+``bench/results/<date>-<host>.json`` and a table on stdout.
+
+Variant names: ``plain`` (no bank index: the blocked GEMM search and a bank-wide search
+for the reweighting, as an artifact exported without the index gets), ``projected``
+(projection-bound search, bank-wide reweighting), ``exact`` (projection + k-NN graph:
+the default runtime path), ``approximate`` (opt-in). ``NAME:DIMS`` projects on DIMS
+directions instead of the default; ``NAME@FILE`` runs it with another model file of the
+artifact, e.g. ``exact@model.int8.onnx``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import resource
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from patchline.runtime.artifact import Artifact, load_artifact
+from patchline.runtime.bank_index import SEARCH_DIMS, BankIndex, build_index, read_index
+from patchline.runtime.inspector import Inspection, Inspector
+from patchline.runtime.preprocess import list_images, to_rgb8
+from patchline.runtime.score import MemoryBank
+
+STAGES = ("decode", "preprocess", "backbone", "distance", "reweight", "map", "publish")
+SEARCHES = ("plain", "projected", "exact", "approximate")
+COMPARE_TURN = 5  # frames each side runs in a row in the torch comparison
+
+
+@dataclass
+class BenchOptions:
+    artifact: Path
+    images: Path | None = None  # frames to score (a folder or MVTec category); None: noise frames
+    frames: int = 30
+    warmup: int = 3
+    threads: int | None = None
+    variants: list[str] = field(default_factory=lambda: ["exact"])
+    dims: int = SEARCH_DIMS
+    bank_size: int | None = None  # subsample the artifact's bank to this many rows
+    random_bank: bool = False  # Gaussian rows with the bank's per-dimension mean/std instead of its rows
+    graph_optimization: str = "all"
+    compare: bool = False  # run the eager-torch baseline on the same frames
+    baseline_weights: str | None = None
+    publish: str | None = None  # HOST:PORT of an MQTT broker
+    accuracy: Path | None = None  # MVTec-layout folder: AUROC and score drift of every variant
+    out_dir: Path = Path("bench/results")
+    seed: int = 0
+
+
+@dataclass
+class Variant:
+    name: str
+    search: str
+    model_file: str | None
+    inspector: Inspector
+    timings: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in (*STAGES, "total")})
+    scores: list[float] = field(default_factory=list)
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    return {"median_ms": round(float(np.median(values)), 3), "p95_ms": round(float(np.percentile(values, 95)), 3)}
+
+
+def sgemm_gflops(repeats: int = 5) -> tuple[float, str]:
+    """This machine's float32 GEMM rate (best of ``repeats``) on the distance GEMM's shape."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((784, 1536), dtype=np.float32)
+    b = rng.standard_normal((4096, 1536), dtype=np.float32)
+    a @ b.T
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b.T
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * a.shape[0] * b.shape[0] * a.shape[1] / best / 1e9, "784×4096×1536"
+
+
+def model_gflop(path: Path) -> float | None:
+    """Multiply-add FLOPs of one image through an ONNX model's Conv/MatMul/Gemm nodes; None without ``onnx``."""
+    try:
+        import onnx
+        from onnx import shape_inference
+    except ModuleNotFoundError:
+        return None
+    model = shape_inference.infer_shapes(onnx.load(str(path)))
+    graph = model.graph
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*graph.value_info, *graph.output)
+    }
+    weights = {init.name: list(init.dims) for init in graph.initializer}
+    for node in graph.node:  # weights reach nodes through Identity (shared) or DequantizeLinear (QDQ)
+        if node.op_type in ("Identity", "DequantizeLinear") and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
+    # Quantised operator-format nodes keep their weight at another input position.
+    weight_input = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "MatMul": 1, "Gemm": 1, "MatMulInteger": 1}
+    flops = 0.0
+    for node in graph.node:
+        position = weight_input.get(node.op_type)
+        if position is None or node.input[position] not in weights or node.output[0] not in shapes:
+            continue
+        out, w = shapes[node.output[0]], weights[node.input[position]]
+        if node.op_type.endswith("Conv") or node.op_type == "ConvInteger":
+            flops += 2.0 * float(np.prod(out[1:])) * float(np.prod(w[1:]))
+        else:
+            flops += 2.0 * float(np.prod(out[1:-1] or [1])) * float(np.prod(w))
+    return flops / 1e9
+
+
+def _replace_bank(artifact: Artifact, options: BenchOptions) -> np.ndarray:
+    bank = artifact.bank
+    rng = np.random.default_rng(options.seed)
+    size = options.bank_size or bank.shape[0]
+    if options.random_bank:
+        mean, std = bank.mean(axis=0), bank.std(axis=0)
+        return (rng.standard_normal((size, bank.shape[1]), dtype=np.float32) * std + mean).astype(np.float32)
+    if size > bank.shape[0]:
+        raise ValueError(f"--bank-size {size} is larger than the artifact's bank ({bank.shape[0]} rows); "
+                         "use --random-bank for a bigger one")
+    return bank[np.sort(rng.choice(bank.shape[0], size, replace=False))] if size < bank.shape[0] else bank
+
+
+def _frames(options: BenchOptions, size: tuple[int, int]) -> list[bytes]:
+    """PNG-encoded frames, so every variant pays the same decode."""
+    if options.images is None:
+        rng = np.random.default_rng(options.seed)
+        images = [rng.integers(0, 256, (*size, 3), np.uint8) for _ in range(4)]
+        encoded = [cv2.imencode(".png", image)[1].tobytes() for image in images]
+    else:
+        root = options.images / "test" if (options.images / "test").is_dir() else options.images
+        paths = list_images(root)
+        if not paths:
+            raise FileNotFoundError(f"{options.images}: no images to benchmark with")
+        step = max(1, len(paths) // options.frames)  # spread over the classes of a sorted test set
+        encoded = [p.read_bytes() for p in paths[::step][: options.frames]]
+    return encoded
+
+
+def decode(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("benchmark frame does not decode")
+    return to_rgb8(image)
+
+
+class Publisher:
+    """QoS-1 publishes to a broker; each is timed until the broker's PUBACK."""
+
+    def __init__(self, address: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--publish {address!r}: expected HOST:PORT")
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"patchline-bench-{socket.gethostname()}")
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def __call__(self, result: Inspection) -> float:
+        payload = json.dumps({"score": result.score, "location": result.location, "latency_ms": result.timings_ms})
+        t0 = time.perf_counter()
+        self.client.publish("patchline/bench/verdict", payload, qos=1).wait_for_publish(5)
+        return (time.perf_counter() - t0) * 1000.0
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, index: BankIndex) -> list[Variant]:
+    inspectors: dict[str | None, Inspector] = {}
+    variants = []
+    for spec in options.variants:
+        search, _, model_file = spec.partition("@")
+        search, _, dims = search.partition(":")
+        if search not in SEARCHES or (dims and not dims.isdigit()):
+            raise ValueError(f"unknown bench variant {spec!r}; searches: {', '.join(SEARCHES)} (NAME[:DIMS][@MODEL_FILE])")
+        key = model_file or None
+        if key not in inspectors:
+            inspectors[key] = Inspector(artifact, device="cpu", threads=options.threads, model_file=key,
+                                        graph_optimization=options.graph_optimization)
+        inspector = inspectors[key]
+        variant_index = BankIndex(
+            index.mean if search != "plain" else None,
+            index.basis if search != "plain" else None,
+            index.knn if search in ("exact", "approximate") else None,
+        )
+        own = copy.copy(inspector)  # same engine and preprocessing, its own bank search
+        own.bank = MemoryBank(bank, variant_index, int(dims or options.dims), search == "approximate", options.threads)
+        variants.append(Variant(spec, search, key, own))
+    return variants
+
+
+def _run_frame(variant: Variant, data: bytes, publisher: Publisher | None, record: bool) -> np.ndarray:
+    t0 = time.perf_counter()
+    rgb = decode(data)
+    decode_ms = (time.perf_counter() - t0) * 1000.0
+    result = variant.inspector.inspect(rgb)
+    publish_ms = publisher(result) if publisher else None
+    if record:
+        stages = {"decode": decode_ms, **result.timings_ms, "publish": publish_ms}
+        for stage in STAGES:
+            if stages.get(stage) is not None:
+                variant.timings[stage].append(stages[stage])
+        variant.timings["total"].append(decode_ms + result.timings_ms["total"] + (publish_ms or 0.0))
+        variant.scores.append(result.score)
+    return rgb
+
+
+def _reference(variants: list[Variant]) -> Variant:
+    """The default runtime path when it is among the variants, else the first."""
+    return next((v for v in variants if v.name == "exact"), variants[0])
+
+
+def _accuracy(variants: list[Variant], data: Path) -> dict[str, dict[str, float]]:
+    """Image AUROC of every variant on DATA's MVTec test set, and its score drift from the reference variant."""
+    try:
+        from patchline.calibration.dataset import mvtec_test_set
+        from patchline.calibration.metrics import image_auroc
+        from patchline.calibration.scoring import score_samples
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"patchline: --accuracy needs the 'calibration' extra ({exc.name} is not installed)") from exc
+    samples = mvtec_test_set(data)
+    reference = _reference(variants)
+    results, reference_scores = {}, None
+    for variant in [reference, *(v for v in variants if v is not reference)]:
+        scored = score_samples(variant.inspector, samples)
+        labels = np.array([s.label for s in scored.samples])
+        if reference_scores is None:
+            reference_scores = scored.scores
+        drift = np.abs(scored.scores - reference_scores) / np.maximum(np.abs(reference_scores), 1e-12)
+        results[variant.name] = {
+            "images": len(scored.scores),
+            "image_auroc": round(image_auroc(labels, scored.scores), 6),
+            "drift_from": reference.name,
+            "max_rel_score_drift": float(drift.max()),
+            "median_rel_score_drift": float(np.median(drift)),
+        }
+    return results
+
+
+def run_bench(options: BenchOptions) -> dict:
+    """Run the benchmark, write its JSON and return it."""
+    load_before = list(np.round(_loadavg(), 2))
+    artifact = load_artifact(options.artifact)
+    manifest = artifact.manifest
+    bank = _replace_bank(artifact, options)
+    t0 = time.perf_counter()
+    index = read_index(artifact) if bank is artifact.bank else build_index(bank, manifest.num_neighbors)
+    index_s = time.perf_counter() - t0
+    if any(v.split("@")[0] != "plain" for v in options.variants) and index.basis is None:
+        raise ValueError(f"{options.artifact}: no bank projection in the artifact; only the 'plain' variant can run "
+                         "(re-export, or `patchline index` it)")
+    variants = _make_variants(options, artifact, bank, index)
+    frames = _frames(options, tuple(manifest.preprocess.image_size))
+    publisher = Publisher(options.publish) if options.publish else None
+    rate, shape = sgemm_gflops()
+
+    # Warm-up, then frames round-robin over the variants.
+    for i in range(options.warmup):
+        for variant in variants:
+            _run_frame(variant, frames[i % len(frames)], publisher, record=False)
+    for i in range(options.frames):
+        for variant in variants:
+            _run_frame(variant, frames[i % len(frames)], publisher, record=True)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if publisher:
+        publisher.close()
+
+    rows, dim = bank.shape
+    grid_h, grid_w = manifest.model.patch_grid
+    queries = grid_h * grid_w
+    model_files = {v.model_file or manifest.model.file for v in variants}
+    backbone_gflop = {name: model_gflop(artifact.file(name)) for name in sorted(model_files)}
+    floors = {
+        "distance": 2.0 * queries * rows * dim / rate / 1e6,  # the full fp32 search's GEMM
+        "reweight": 2.0 * rows * dim / rate / 1e6,  # one bank-wide search for m*'s neighbours
+    }
+    results = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_model": _cpu_model(),
+            "cores": _cores(),
+            "load_avg_before": load_before,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "onnxruntime": _version("onnxruntime"),
+        },
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
+        "artifact": {
+            "model_id": manifest.model_id,
+            "backbone": manifest.backbone.name,
+            "layers": manifest.backbone.layers,
+            "image_size": list(manifest.preprocess.image_size),
+            "patch_grid": [grid_h, grid_w],
+            "bank_rows": rows,
+            "embedding_dim": dim,
+            "bank": "random" if options.random_bank else ("subsampled" if rows < artifact.bank.shape[0] else "artifact"),
+            "index_build_s": round(index_s, 3) if bank is not artifact.bank else None,
+            "num_neighbors": manifest.num_neighbors,
+        },
+        "sgemm_gflops": round(rate, 2),
+        "sgemm_shape": shape,
+        "backbone_gflop": {k: (round(v, 3) if v else None) for k, v in backbone_gflop.items()},
+        "floors_ms": {k: round(v, 3) for k, v in floors.items()},
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "variants": {},
+    }
+    for variant in variants:
+        model = variant.model_file or manifest.model.file
+        stage_floors = {**floors, "backbone": (backbone_gflop[model] or 0) * 1e3 / rate or None}
+        stats = {}
+        for stage, values in variant.timings.items():
+            if not values:
+                continue
+            stats[stage] = summarise(values)
+            if stage_floors.get(stage):
+                stats[stage]["floor_ms"] = round(stage_floors[stage], 3)
+                stats[stage]["x_floor"] = round(stats[stage]["median_ms"] / stage_floors[stage], 3)
+        results["variants"][variant.name] = {
+            "model_file": model,
+            "stages": stats,
+            "frames_per_s": round(1000.0 / stats["total"]["median_ms"], 2),
+            "mean_score": float(np.mean(variant.scores)),
+        }
+    if options.compare:
+        results["baseline"] = _compare(options, artifact, bank, frames, _reference(variants))
+    if options.accuracy:
+        results["accuracy"] = _accuracy(variants, options.accuracy)
+    results["machine"]["load_avg_after"] = list(np.round(_loadavg(), 2))
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    path = options.out_dir / f"{datetime.now().strftime('%Y-%m-%d')}-{socket.gethostname()}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    results["path"] = str(path)
+    return results
+
+
+def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames: list[bytes], ours: Variant) -> dict:
+    """The eager-torch baseline and ``ours`` again on the same frames, taking turns: per-stage times and the ratio.
+
+    Each side runs COMPARE_TURN frames in a row, so that neither pays on every frame for the
+    other's thread pool (OpenMP, ONNX Runtime) still spinning after its last call.
+    """
+    try:
+        from patchline.export.torch_baseline import TorchPatchcore
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"patchline: --compare needs the 'export' extra ({exc.name} is not installed)") from exc
+    baseline = TorchPatchcore(artifact, bank, options.baseline_weights, options.threads)
+    preprocess = ours.inspector.preprocess
+
+    def torch_frame(data: bytes) -> tuple[float, dict[str, float]]:
+        t0 = time.perf_counter()
+        rgb = decode(data)
+        t1 = time.perf_counter()
+        batch = preprocess([rgb])
+        t2 = time.perf_counter()
+        scores, _, times = baseline.forward(batch)
+        return float(scores[0]), {"decode": (t1 - t0) * 1000.0, "preprocess": (t2 - t1) * 1000.0, **times}
+
+    def our_frame(data: bytes) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        rgb = decode(data)
+        decode_ms = (time.perf_counter() - t0) * 1000.0
+        result = ours.inspector.inspect(rgb)
+        return result.score, decode_ms + result.timings_ms["total"]
+
+    for i in range(options.warmup):
+        torch_frame(frames[i % len(frames)])
+        our_frame(frames[i % len(frames)])
+    stages: dict[str, list[float]] = {s: [] for s in ("decode", "preprocess", "backbone", "distance", "reweight", "map", "total")}
+    mine: list[float] = []
+    score_diff = []
+    for start in range(0, options.frames, COMPARE_TURN):
+        turn = [frames[i % len(frames)] for i in range(start, min(start + COMPARE_TURN, options.frames))]
+        theirs = [torch_frame(data) for data in turn]
+        for (their_score, times), data in zip(theirs, turn):
+            for stage, value in times.items():
+                stages[stage].append(value)
+            stages["total"].append(sum(times.values()))
+            score, total = our_frame(data)
+            mine.append(total)
+            score_diff.append(abs(their_score - score) / max(abs(their_score), 1e-12))
+    ratio = float(np.median(stages["total"]) / np.median(mine))
+    return {
+        "against": ours.name,
+        "torch_threads": _torch_threads(),
+        "stages": {stage: summarise(values) for stage, values in stages.items()},
+        "ours_total": summarise(mine),
+        "speedup_median": round(ratio, 3),
+        "max_rel_score_diff": float(np.max(score_diff)),
+    }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _loadavg() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def format_table(results: dict) -> str:
+    """The results as a table: one row per stage, median / p95 ms per variant, and ×floor where there is one."""
+    art = results["artifact"]
+    lines = [
+        f"patchline bench: {art['backbone']} {'+'.join(art['layers'])} {art['image_size'][0]}×{art['image_size'][1]}, "
+        f"bank {art['bank_rows']}×{art['embedding_dim']} ({art['bank']}), grid {art['patch_grid'][0]}×"
+        f"{art['patch_grid'][1]}, {results['options']['frames']} frames, threads {results['options']['threads'] or 'all'}",
+        f"machine: {results['machine']['cpu_model']}, {results['machine']['cores']} cores, load "
+        f"{results['machine']['load_avg_before'][0]} → {results['machine']['load_avg_after'][0]}; "
+        f"sgemm {results['sgemm_gflops']} GFLOP/s ({results['sgemm_shape']}); peak RSS {results['peak_rss_mb']} MB",
+    ]
+    columns = {name: v["stages"] for name, v in results["variants"].items()}
+    if "baseline" in results:
+        columns["torch eager"] = results["baseline"]["stages"]
+    header = f"{'stage':<11}{'floor ms':>10}" + "".join(f"{name[:24]:>26}" for name in columns)
+    lines += [header, "-" * len(header)]
+    for stage in (*STAGES, "total"):
+        floor = next((c[stage].get("floor_ms") for c in columns.values() if stage in c and "floor_ms" in c[stage]), None)
+        row = f"{stage:<11}{(f'{floor:.1f}' if floor else '-'):>10}"
+        for stats in columns.values():
+            if stage not in stats:
+                cell = "not measured" if stage == "publish" else "-"
+            else:
+                cell = f"{stats[stage]['median_ms']:.1f} / {stats[stage]['p95_ms']:.1f}"
+                if "x_floor" in stats[stage]:
+                    cell += f" ({stats[stage]['x_floor']:.2f}×)"
+            row += f"{cell:>26}"
+        lines.append(row)
+    fps = "".join(f"{v['frames_per_s']:>26.2f}" for v in results["variants"].values())
+    if "baseline" in results:
+        fps += f"{1000.0 / results['baseline']['stages']['total']['median_ms']:>26.2f}"
+    lines.append(f"{'frames/s':<21}{fps}")
+    lines.append("cells: median / p95 ms (× the stage's fp32 arithmetic floor at the measured sgemm rate)")
+    if "publish" not in next(iter(columns.values())):
+        lines.append("publish: not measured here (give --publish HOST:PORT; the daemon's benchmark measures it end to end)")
+    if "baseline" in results:
+        b = results["baseline"]
+        lines.append(f"speed-up vs torch eager (same frames, in turns): {b['speedup_median']:.2f}× per frame "
+                     f"({b['against']}: {b['ours_total']['median_ms']:.1f} ms vs {b['stages']['total']['median_ms']:.1f} ms); "
+                     f"max relative score difference {b['max_rel_score_diff']:.2e}")
+    for name, acc in results.get("accuracy", {}).items():
+        lines.append(f"accuracy {name}: image AUROC {acc['image_auroc']:.4f} on {acc['images']} images, "
+                     f"score drift vs {acc['drift_from']} max {acc['max_rel_score_drift']:.2e} median {acc['median_rel_score_drift']:.2e}")
+    lines.append(f"written: {results['path']}")
+    return "\n".join(lines)

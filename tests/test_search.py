@@ -1,0 +1,157 @@
+"""The projected (pruned) nearest-row search is exact; the k-NN graph reweighting equals the bank-wide one;
+artifacts without the index still load and score."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from patchline.runtime.artifact import ArtifactError, load_artifact, write_manifest, read_manifest
+from patchline.runtime.bank_index import KNN_KEY, PROJECTION_KEY, add_index, build_index, principal_directions, read_index
+from patchline.runtime.distance import ProjectedSearch, euclidean_dist, nearest, squared_norms
+from patchline.runtime.inspector import Inspector
+from patchline.runtime.preprocess import list_images, read_image
+from patchline.runtime.score import MemoryBank, reweight
+
+
+def reference_nearest(x: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The full euclidean_dist search, in float64 so its own rounding (~1e-3 relative in float32 for
+    close pairs: |x|² − 2x·y + |y|² cancels) does not hide an error of the search under test."""
+    d = euclidean_dist(x.astype(np.float64), bank.astype(np.float64))
+    index = d.argmin(axis=1)
+    return d[np.arange(len(x)), index], index
+
+
+def structured(rng, rows: int, dim: int, rank: int) -> np.ndarray:
+    """Rows with a decaying spectrum, like CNN embeddings: a low-rank part plus small isotropic noise."""
+    scales = 3.0 / (1.0 + np.arange(rank))
+    return (rng.standard_normal((rows, rank)) * scales @ rng.standard_normal((rank, dim)) / np.sqrt(rank)
+            + 0.05 * rng.standard_normal((rows, dim)) + 1.5).astype(np.float32)
+
+
+def search_for(bank: np.ndarray, dims: int, approximate: bool = False) -> ProjectedSearch:
+    mean, basis = principal_directions(bank, dims)
+    return ProjectedSearch(bank, squared_norms(bank), mean, basis, approximate)
+
+
+def assert_exact(dist, index, bank, queries):
+    want_d, want_i = reference_nearest(queries, bank)
+    tied = np.isclose(np.linalg.norm(queries - bank[index], axis=1), want_d, rtol=1e-6, atol=0)
+    assert np.all((index == want_i) | tied), f"{np.sum(index != want_i)} rows differ from the full search"
+    # atol: even in float64 the matrix form leaves ~1e-7 on identical rows (sqrt of a cancelled |x|²).
+    np.testing.assert_allclose(dist, want_d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,queries,dims", [(1001, 150, 16), (4099, 70, 32), (7, 9, 4)])
+def test_projected_search_is_exact_on_structured_data(rows, queries, dims):
+    rng = np.random.default_rng(rows)
+    data = structured(rng, rows + queries, 96, rank=12)
+    bank, x = data[:rows], data[rows:]
+    dist, index = search_for(bank, dims).nearest(x)
+    assert_exact(dist, index, bank, x)
+
+
+def test_projected_search_is_exact_on_flat_spectrum_and_outliers():
+    """Gaussian rows give weak bounds and far outliers have many candidates (the crowded fallback)."""
+    rng = np.random.default_rng(1)
+    bank = rng.standard_normal((2053, 64), dtype=np.float32)
+    x = np.concatenate([rng.standard_normal((40, 64), dtype=np.float32), 25 * rng.standard_normal((5, 64), dtype=np.float32)])
+    dist, index = search_for(bank, 8).nearest(x, block=16)
+    assert_exact(dist, index, bank, x)
+
+
+def test_projected_search_ties_pick_the_lowest_row():
+    rng = np.random.default_rng(2)
+    base = structured(rng, 300, 48, rank=6)
+    bank = np.concatenate([base, base[:50]])  # rows 300..349 duplicate rows 0..49
+    x = np.concatenate([bank[310:320], base[5:8] + 1e-3])
+    dist, index = search_for(bank, 8).nearest(x)
+    assert np.all(index[:10] == np.arange(10, 20))  # exact copies of rows 10..19 and 310..319: the lower wins
+    assert np.all(dist[:10] == 0.0)
+    assert_exact(dist, index, bank, x)
+
+
+def test_fused_blocked_min_equals_full_matrix():
+    rng = np.random.default_rng(3)
+    bank, x = rng.standard_normal((1000, 40), dtype=np.float32), rng.standard_normal((33, 40), dtype=np.float32)
+    dist, index = nearest(x, bank, 1, block=96)
+    full = euclidean_dist(x, bank)
+    np.testing.assert_array_equal(index[:, 0], full.argmin(axis=1))
+    np.testing.assert_allclose(dist[:, 0], full.min(axis=1), rtol=1e-5)
+
+
+def test_approximate_search_never_reports_below_exact():
+    rng = np.random.default_rng(4)
+    data = structured(rng, 2100, 96, rank=20)
+    bank, x = data[:2000], data[2000:]
+    exact, _ = search_for(bank, 32).nearest(x)
+    approx, index = search_for(bank, 4, approximate=True).nearest(x)
+    np.testing.assert_allclose(approx, np.linalg.norm(x - bank[index], axis=1), rtol=1e-5)
+    assert np.all(approx >= exact * (1 - 1e-6))
+
+
+@pytest.fixture(scope="module")
+def real_patches(small_artifact, sample_data):
+    inspector = Inspector(small_artifact, device="cpu")
+    images = list_images(sample_data / "test")
+    embeddings = [inspector.engine(inspector.preprocess([read_image(p)]))[0] for p in images]
+    return np.concatenate([e.reshape(-1, e.shape[-1]) for e in embeddings])
+
+
+def test_small_artifact_has_the_index_and_its_search_is_exact(small_artifact, real_patches):
+    artifact = load_artifact(small_artifact)
+    assert {PROJECTION_KEY, KNN_KEY} <= set(artifact.manifest.extra_files)
+    bank = MemoryBank(artifact.bank, read_index(artifact))
+    assert bank.search is not None and bank.knn is not None
+    dist, index = bank.nearest(real_patches)
+    assert_exact(dist[:, 0], index[:, 0], artifact.bank, real_patches)
+
+
+def test_knn_graph_reweighting_equals_bank_wide(small_artifact, real_patches):
+    artifact = load_artifact(small_artifact)
+    index = read_index(artifact)
+    with_graph = MemoryBank(artifact.bank, index)
+    without = MemoryBank(artifact.bank, index.__class__(index.mean, index.basis, None))
+    k = artifact.manifest.num_neighbors
+    assert index.knn.shape == (len(artifact.bank), k) and np.all(index.knn[:, 0] == np.arange(len(artifact.bank)))
+    dist, rows = with_graph.nearest(real_patches)
+    for p in np.linspace(0, len(real_patches) - 1, 60).astype(int):
+        args = (real_patches[p], float(dist[p, 0]), int(rows[p, 0]), k)
+        assert reweight(with_graph, *args) == reweight(without, *args)
+
+
+def strip_index(folder):
+    manifest = read_manifest(folder)
+    for name in manifest.extra_files.values():
+        (folder / name).unlink()
+    write_manifest(folder, manifest.model_copy(update={"extra_files": {}}))
+
+
+def test_artifact_without_index_still_scores_and_can_be_indexed(small_artifact, sample_data, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(small_artifact, old)
+    strip_index(old)
+    images = [read_image(p) for p in list_images(sample_data / "test")[::3]]
+    plain = Inspector(old, device="cpu")
+    assert plain.bank.search is None and plain.bank.knn is None
+    indexed = Inspector(small_artifact, device="cpu")
+    for rgb in images:
+        got, want = plain.inspect(rgb), indexed.inspect(rgb)
+        # The plain search's float32 matrix form is the only difference: ~1e-4 relative at most here.
+        assert got.score == pytest.approx(want.score, rel=1e-3)
+    add_index(old)
+    assert Inspector(old, device="cpu").inspect(images[0]).score == indexed.inspect(images[0]).score
+
+
+def test_damaged_index_is_refused_with_the_file_named(small_artifact, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(small_artifact, broken)
+    manifest = read_manifest(broken)
+    np.savez(broken / manifest.extra_files[PROJECTION_KEY], mean=np.zeros(3, np.float32), basis=np.zeros((3, 1), np.float32))
+    write_manifest(broken, manifest)  # checksums match: the shape check must catch it
+    with pytest.raises(ArtifactError, match="bank_projection.npz"):
+        Inspector(broken, device="cpu")
+    (broken / manifest.extra_files[KNN_KEY]).write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_artifact(broken)
