@@ -1,14 +1,13 @@
 """The projected (pruned) nearest-row search is exact; the k-NN graph reweighting equals the bank-wide one;
 artifacts without the index still load and score."""
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 
 from patchline.runtime.artifact import ArtifactError, load_artifact, write_manifest, read_manifest
-from patchline.runtime.bank_index import KNN_KEY, PROJECTION_KEY, add_index, build_index, principal_directions, read_index
+from patchline.runtime.bank_index import KNN_KEY, PROJECTION_KEY, add_index, principal_directions, read_index
 from patchline.runtime.distance import ProjectedSearch, euclidean_dist, nearest, squared_norms
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.preprocess import list_images, read_image
