@@ -68,6 +68,7 @@ class Daemon:
         self.server: MetricsServer | None = None
         self._triggers: deque[tuple[Trigger, float]] = deque()  # with time.monotonic() at arrival
         self._trigger_lock = threading.Lock()
+        self._stopping = False  # under _trigger_lock: triggers from now on are answered `stopping` at once
         self._last_status = -float("inf")
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class Daemon:
         self.notifier.stopping("stopping: flushing verdicts")
         self.source.close()
         with self._trigger_lock:
+            self._stopping = True
             pending, self._triggers = list(self._triggers), deque()
         for trigger, _ in pending:
             self._trigger_error(trigger, "stopping", "the daemon is stopping; trigger not inspected")
@@ -180,13 +182,19 @@ class Daemon:
     def _on_trigger(self, trigger: Trigger) -> None:
         # paho's network thread: note the arrival on the monotonic clock the frames use, and return.
         arrived = time.monotonic()
+        refused = None
         with self._trigger_lock:
-            full = len(self._triggers) >= self.config.trigger.max_pending
-            if not full:
+            if self._stopping:
+                refused = "stopping", "the daemon is stopping; trigger not inspected"
+            elif self.config.mode != "trigger":
+                refused = ("not_in_trigger_mode", f"the daemon runs in {self.config.mode} mode and inspects "
+                           "without triggers; set `mode: trigger` in the run config to inspect per trigger")
+            elif len(self._triggers) >= self.config.trigger.max_pending:
+                refused = "too_many_triggers", f"{self.config.trigger.max_pending} triggers already waiting for a frame"
+            else:
                 self._triggers.append((trigger, arrived))
-        if full:
-            self._trigger_error(trigger, "too_many_triggers",
-                                f"{self.config.trigger.max_pending} triggers already waiting for a frame")
+        if refused is not None:
+            self._trigger_error(trigger, *refused)
 
     def _trigger_for(self, frame: Frame) -> tuple[Trigger, float] | None:
         with self._trigger_lock:

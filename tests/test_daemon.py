@@ -347,3 +347,27 @@ def test_refuses_int8_when_the_artifact_has_no_int8_model(tmp_path, small_artifa
                                        "source": {"kind": "folder", "path": str(tmp_path)}})
     with pytest.raises(ArtifactError, match="no INT8 model; create one with `patchline quantize`"):
         Daemon(config)
+
+
+def test_continuous_mode_answers_triggers_at_once_with_not_in_trigger_mode(tmp_path, mosquitto, subscriber,
+                                                                            small_artifact):
+    config = run_config(tmp_path, small_artifact, mosquitto.port, {"kind": "gstreamer", "pipeline": LIVE},
+                        threshold=1.0, evidence={"enabled": False})
+    process = start_daemon(config)
+    try:
+        subscriber.wait_for(lambda: subscriber.verdicts(), timeout=60)  # running, inspecting without triggers
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "replies/plc9"
+        props.CorrelationData = b"\x07"
+        subscriber.client.publish(f"patchline/{CAMERA}/trigger", "P-9", qos=1,
+                                  properties=props).wait_for_publish(5)
+        subscriber.wait_for(lambda: subscriber.on("error"), timeout=10)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, 30)
+    assert code == 0, output
+    error = json.loads(subscriber.on("error")[0].payload)
+    assert error["error"] == "not_in_trigger_mode" and error["part_id"] == "P-9" and "mode: trigger" in error["detail"]
+    reply = [m for m in subscriber.messages if m.topic == "replies/plc9"]
+    assert json.loads(reply[0].payload)["part_id"] == "P-9" and reply[0].properties.CorrelationData == b"\x07"
+    assert all(v["part_id"] is None for v in subscriber.verdicts())  # no verdict claims the part
