@@ -12,6 +12,7 @@ import logging
 import queue
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,12 +69,12 @@ class EvidenceStore:
             try:
                 write_rgb(job.folder / f"frame.{self.image_format}", job.image)
                 write_rgb(job.folder / "heatmap.jpg", heatmap_overlay(job.image, job.amap))
-            except OSError as exc:
+                size = _folder_size(job.folder)
+            except Exception as exc:  # any failure costs this one folder, never the writer thread
                 self.failed += 1
                 log.error("evidence %s not saved: %s", job.folder, exc)
                 shutil.rmtree(job.folder, ignore_errors=True)
                 continue
-            size = _folder_size(job.folder)
             self._folders.append((job.folder, size))
             self._used += size
             self.saved += 1
@@ -87,6 +88,13 @@ class EvidenceStore:
             log.debug("evidence quota: deleted %s", oldest)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the writer."""
-        self._jobs.put(None)
-        self._thread.join(timeout)
+        """Write what is queued (for up to ``timeout`` s), then stop the writer."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._jobs.put(None, timeout=timeout)
+        except queue.Full:
+            pass  # the writer is stuck on a full backlog; the join below gives up in time too
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.error("evidence writer did not finish within %.0f s; %d NG frame(s) left unwritten",
+                      timeout, self._jobs.qsize())

@@ -335,6 +335,19 @@ def test_evidence_keeps_the_newest_folders_within_the_quota(tmp_path):
     assert sorted(f.name for f in kept[-1].iterdir()) == ["frame.png", "heatmap.jpg"]
 
 
+def test_evidence_writer_survives_a_failing_job_and_close_returns(tmp_path):
+    rng = np.random.default_rng(0)
+    store = EvidenceStore(tmp_path / "evidence", quota_mb=5, image_format="png")
+    image = rng.integers(0, 255, (64, 64, 3), np.uint8)
+    store.submit(1, 1_700_000_001, image, np.zeros((0, 0), np.float32))  # empty map: ValueError, not OSError
+    kept = store.submit(2, 1_700_000_002, image, rng.random((8, 8)).astype(np.float32))
+    started = time.monotonic()
+    store.close(timeout=10)
+    assert time.monotonic() - started < 5 and not store._thread.is_alive()
+    assert (store.saved, store.failed) == (1, 1)
+    assert [str(p) for p in (tmp_path / "evidence").iterdir()] == [kept]  # the failed folder was removed
+
+
 def test_the_example_line_config_is_valid_and_its_pipeline_parses():
     config = load_config(Path(__file__).parents[1] / "configs" / "line.yaml", [], model=RunConfig)
     assert config.source.kind == "gstreamer" and config.mqtt.password_credential == "mqtt-password"
