@@ -64,6 +64,7 @@ WINDOW = 20
 PAHO_MAX_INFLIGHT = 1000
 RECONNECT_DELAY_S = (1, 30)  # paho doubles the wait from the first to the second after each failure
 DROP_LOG_INTERVAL_S = 10.0
+SENDER_JOIN_TIMEOUT_S = 5.0  # stop() has flushed already; the sender only has to notice it is stopping
 # NO_CONN: the connection dropped just now; paho keeps the message and sends it after the reconnect.
 ACCEPTED = (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
 MAX_PART_ID = 128
@@ -385,7 +386,10 @@ class MqttSink:
             self._stopping = True
             self._cond.notify_all()
         if self._sender is not None:
-            self._sender.join()
+            self._sender.join(SENDER_JOIN_TIMEOUT_S)
+            if self._sender.is_alive():
+                log.error("MQTT: the sender thread did not end within %.0f s; stopping without it",
+                          SENDER_JOIN_TIMEOUT_S)
         left = len(self._pending)
         if left:
             log.warning("MQTT: stopped with %d undelivered verdict(s) kept in %s for the next start",
@@ -465,8 +469,11 @@ class MqttSink:
             try:
                 self._step(new, acks, handing=not stopping)
             except Exception:
-                # Never let the only delivery thread die; what failed stays queued/spooled and is retried.
-                log.exception("MQTT sender: unexpected error (retrying in 1 s)")
+                # Never let the only delivery thread die; what failed stays queued/spooled and is retried,
+                # or, when stopping, stays spooled for the next start.
+                log.exception("MQTT sender: unexpected error%s", "" if stopping else " (retrying in 1 s)")
+                if stopping:
+                    return
                 time.sleep(1.0)
                 continue
             finally:
@@ -504,16 +511,25 @@ class MqttSink:
         try:
             return self._spool.put(entry.record())
         except OSError as exc:
-            now = time.monotonic()
-            if now - self._last_spool_log >= DROP_LOG_INTERVAL_S:
-                self._last_spool_log = now
-                log.error("MQTT: cannot spool verdict seq=%s to %s: %s; kept in memory only (lost on restart)",
-                          entry.verdict.get("seq"), self.spool_dir, exc)
+            self._spool_problem("cannot spool verdict seq=%s to %s: %s; kept in memory only (lost on restart)",
+                                entry.verdict.get("seq"), self.spool_dir, exc)
             return ""
 
     def _spool_remove(self, entry: _Entry) -> None:
-        if entry.key:
+        if not entry.key:
+            return
+        try:
             self._spool.remove(entry.key)
+        except OSError as exc:
+            self._spool_problem("cannot remove %s from the spool %s: %s; it will be sent again after a restart",
+                                entry.key, self.spool_dir, exc)
+
+    def _spool_problem(self, message: str, *args: object) -> None:
+        """Log a spool disk error, at most every DROP_LOG_INTERVAL_S: a full disk fails every verdict."""
+        now = time.monotonic()
+        if now - self._last_spool_log >= DROP_LOG_INTERVAL_S:
+            self._last_spool_log = now
+            log.error("MQTT: " + message, *args)
 
     def _handed(self) -> int:
         """How many verdicts at the front of the queue were handed to paho (they are handed in order)."""
