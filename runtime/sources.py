@@ -115,6 +115,12 @@ def crop(image: np.ndarray, roi: RoiConfig | None) -> np.ndarray:
     return image[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width]
 
 
+def reconnect_delay(failures: int, min_s: float, max_s: float) -> float:
+    """The pause before the next attempt after ``failures`` failed ones: doubling from min_s, capped at max_s."""
+    # 2.0**1024 overflows (after ~a weekend of outage); max_s is reached long before 2**64.
+    return min(max_s, min_s * 2.0 ** min(failures, 64))
+
+
 class FrameSource:
     """Stall watchdog, reconnect with backoff, ROI and counters around one backend."""
 
@@ -151,7 +157,7 @@ class FrameSource:
         """Close, and schedule the next attempt after an exponentially growing pause."""
         self.close()
         self._reconnecting = True
-        delay = min(self.config.reconnect_max_s, self.config.reconnect_min_s * 2**self._failures)
+        delay = reconnect_delay(self._failures, self.config.reconnect_min_s, self.config.reconnect_max_s)
         self._failures += 1
         self._retry_at = time.monotonic() + delay
         log.warning("source %s: %s; reconnecting in %.1f s", self.description, reason, delay)

@@ -14,7 +14,8 @@ import pytest
 from pydantic import TypeAdapter
 
 from patchline.runtime.config import SourceConfig
-from patchline.runtime.sources import EndOfStream, SourceConfigError, open_source, opencv_has_gstreamer
+from patchline.runtime.sources import (EndOfStream, SourceConfigError, open_source, opencv_has_gstreamer,
+                                       reconnect_delay)
 from tests.broker import free_port
 from tests.video import corrupt_frames, grey_frames, write_video
 
@@ -190,3 +191,9 @@ def test_opencv_reads_a_file_and_says_when_it_lacks_gstreamer(tmp_path):
         pytest.skip("this OpenCV has GStreamer; the refusal cannot be shown")
     with pytest.raises(SourceConfigError, match="built without GStreamer"):
         source(kind="opencv", uri="videotestsrc ! appsink")
+
+
+def test_reconnect_backoff_doubles_up_to_the_cap_even_after_days_of_failures():
+    assert [reconnect_delay(n, 0.5, 30.0) for n in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    # A camera down over a weekend fails thousands of times; 2**1024 used to raise OverflowError.
+    assert [reconnect_delay(n, 0.5, 30.0) for n in (1023, 1024, 100_000)] == [30.0, 30.0, 30.0]
