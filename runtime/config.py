@@ -336,4 +336,5 @@ class RunConfig(Section):
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     evidence: EvidenceConfig = EvidenceConfig()
+    tensorrt: TensorRtConfig = TensorRtConfig()  # engine: tensorrt (build, cache); see `patchline engine`
     state_dir: str = Field(default_factory=_state_directory)  # seq counter, MQTT spool, evidence

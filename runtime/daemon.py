@@ -38,6 +38,7 @@ EXIT_CONFIG = 78  # sysexits' EX_CONFIG: a restart cannot help; the unit says Re
 READ_TIMEOUT_S = 0.5  # the longest the loop waits for a frame before it checks stop, triggers, watchdog
 STATUS_INTERVAL_S = 5.0
 FLUSH_TIMEOUT_S = 5.0
+TENSORRT_OPTION = {"tensorrt": "settings", "onnxruntime": "tensorrt"}  # engine → its keyword for RunConfig.tensorrt
 
 
 class Daemon:
@@ -53,8 +54,13 @@ class Daemon:
         roi = config.source.roi
         self.roi_offset = (roi.x, roi.y) if roi else (0, 0)
         self.source = open_source(config.source)
-        self.inspector = Inspector(self.artifact, engine=config.engine, distance=config.distance,
-                                   precision=config.precision, device=config.device, threads=config.threads)
+        self.notifier = notifier or Notifier()
+        # The engines take the tensorrt section under different names; other engines have no use for it.
+        option = TENSORRT_OPTION.get(config.engine)
+        with self.notifier.extending_start("loading the engine (a first TensorRT build takes minutes)"):
+            self.inspector = Inspector(self.artifact, engine=config.engine, distance=config.distance,
+                                       precision=config.precision, device=config.device, threads=config.threads,
+                                       **({option: config.tensorrt} if option else {}))
         state = Path(config.state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self.seq = SeqCounter(state / f"{config.camera}.seq")
@@ -63,7 +69,6 @@ class Daemon:
         self.evidence = (EvidenceStore(evidence.dir or state / "evidence", evidence.quota_mb, evidence.format)
                          if evidence.enabled else None)
         self.metrics = Metrics(config.camera, self.source, self.sink, self.evidence)
-        self.notifier = notifier or Notifier()
         self.stop_requested = threading.Event()
         self.server: MetricsServer | None = None
         self._triggers: deque[tuple[Trigger, float]] = deque()  # with time.monotonic() at arrival
@@ -86,7 +91,8 @@ class Daemon:
             self.server = MetricsServer(self.metrics.registry, self.health, cfg.metrics.host, cfg.metrics.port)
             log.info("metrics on http://%s:%d/metrics, health on /healthz", cfg.metrics.host, self.server.port)
         started = time.perf_counter()
-        self.inspector.warm_up()
+        with self.notifier.extending_start("warming up the engine"):
+            self.inspector.warm_up()
         log.info("engine warm in %.2f s; waiting for the first frame", time.perf_counter() - started)
 
     def run(self) -> int:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger("patchline.systemd")
 
@@ -54,6 +57,31 @@ class Notifier:
         if now - self._last_ping >= self.watchdog_s / 4:
             self._last_ping = now
             self.send(WATCHDOG=1)
+
+    @contextmanager
+    def extending_start(self, status: str, step_s: float = 60.0, limit_s: float = 3600.0) -> Iterator[None]:
+        """While the block runs (a first TensorRT engine build can take many minutes), keep pushing systemd's
+        start timeout (TimeoutStartSec) out by ``step_s`` at a time, for at most ``limit_s`` in all, so a
+        slow but progressing start is not killed; a hang is still killed once the extensions stop."""
+        if self.socket is None:
+            yield
+            return
+        done = threading.Event()
+
+        def extend() -> None:
+            deadline = time.monotonic() + limit_s
+            while time.monotonic() < deadline:
+                self.send(EXTEND_TIMEOUT_USEC=int(step_s * 1e6), STATUS=status)
+                if done.wait(step_s / 2):
+                    return
+
+        thread = threading.Thread(target=extend, name="systemd-extend", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def stopping(self, status: str) -> None:
         self.send(STOPPING=1, STATUS=status)

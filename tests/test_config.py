@@ -61,3 +61,19 @@ def test_overrides_win_over_file(tmp_path):
     assert config.coreset.ratio == 0.5
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(None, ["model.backbone"])
+
+
+def run_yaml(tmp_path, text: str) -> Path:
+    path = tmp_path / "line.yaml"
+    path.write_text("camera: cam1\nartifact: /opt/model\nsource: {kind: folder, path: /tmp}\n" + text)
+    return path
+
+
+def test_run_config_has_a_tensorrt_section(tmp_path):
+    from patchline.runtime.config import RunConfig
+
+    config = load_config(run_yaml(tmp_path, "engine: tensorrt\ntensorrt: {build: false, precision: fp32}\n"),
+                         model=RunConfig)
+    assert config.tensorrt.build is False and config.tensorrt.precision == "fp32"
+    with pytest.raises(ConfigError, match="tensorrt.bild"):
+        load_config(run_yaml(tmp_path, "tensorrt: {bild: false}\n"), model=RunConfig)

@@ -227,6 +227,9 @@ def test_notify_watchdog_health_metrics_and_sigterm(tmp_path, mosquitto, subscri
             return error.code, error.read().decode()
 
     ready_at = wait(lambda: next((t for t, n in notes if "READY=1" in n), None))
+    # While the engine loads and warms up, the start timeout is pushed out (a first TensorRT build takes minutes).
+    extended = [t for t, n in notes if "EXTEND_TIMEOUT_USEC=60000000" in n]
+    assert extended and max(extended) < ready_at
     assert get("/healthz")[0] == 200
     gone_at = wait(lambda: time.monotonic() if get("/healthz")[0] == 503 else None)
     wait(lambda: get("/healthz")[0] == 200)  # reconnected, frames again
