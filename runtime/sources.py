@@ -436,33 +436,41 @@ class OpenCVBackend:
                 "Use source.kind: gstreamer, or an OpenCV built with GStreamer"
             )
         self.is_file = not is_pipeline and Path(config.uri).is_file()
-        self.capture = None
+        self.capture = None  # files only; a live stream's capture belongs to its reader thread
         self._reader: threading.Thread | None = None
+        self._stop: threading.Event | None = None  # the current reader's; each reader has its own
         self._latest: RawFrame | None = None
         self._error: Exception | None = None
         self._cond = threading.Condition()
-        self._running = False
 
     def open(self) -> None:
         uri = self.config.uri
         target = int(uri) if uri.isdigit() else uri
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.config.open_timeout_s * 1000),
                   cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.config.read_timeout_s * 1000)]
-        self.capture = cv2.VideoCapture(target, self.api, params)
-        if not self.capture.isOpened():
+        capture = cv2.VideoCapture(target, self.api, params)
+        if not capture.isOpened():
+            capture.release()
             raise SourceError(f"cannot open {uri}")
         self._position = 0
-        if not self.is_file:
-            self._running, self._latest, self._error = True, None, None
-            self._reader = threading.Thread(target=self._read_live, name="opencv-reader", daemon=True)
-            self._reader.start()
+        if self.is_file:
+            self.capture = capture
+            return
+        # A reader that close() could not wait for may still sit in read() on its own capture; it releases
+        # that capture itself and, its stop event set, never touches the state of the new one.
+        with self._cond:
+            self._latest, self._error = None, None
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read_live, args=(capture, self._stop), name="opencv-reader",
+                                        daemon=True)
+        self._reader.start()
 
-    def _grab(self) -> RawFrame:
-        ok, image = self.capture.read()
+    def _grab(self, capture: cv2.VideoCapture) -> RawFrame:
+        ok, image = capture.read()
         now = time.monotonic()
         if not ok or image is None:
             if self.is_file:
-                total = self.capture.get(cv2.CAP_PROP_FRAME_COUNT)
+                total = capture.get(cv2.CAP_PROP_FRAME_COUNT)
                 self._position += 1
                 if total > 0 and self._position < total:
                     raise CorruptFrame(f"frame {self._position - 1} of {self.config.uri} cannot be decoded")
@@ -474,28 +482,34 @@ class OpenCVBackend:
         except ImageError as exc:
             raise CorruptFrame(exc.reason) from None
 
-    def _read_live(self) -> None:
-        while self._running:
-            try:
-                frame = self._grab()
-            except CorruptFrame as exc:
+    def _read_live(self, capture: cv2.VideoCapture, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    frame = self._grab(capture)
+                except CorruptFrame as exc:
+                    with self._cond:
+                        self.counters.corrupt += not stop.is_set()
+                    log.debug("opencv corrupt frame: %s", exc)
+                    continue
+                except (SourceError, EndOfStream) as exc:
+                    with self._cond:
+                        if not stop.is_set():
+                            self._error = exc
+                            self._cond.notify_all()
+                    return
                 with self._cond:
-                    self.counters.corrupt += 1
-                log.debug("opencv corrupt frame: %s", exc)
-                continue
-            except (SourceError, EndOfStream) as exc:
-                with self._cond:
-                    self._error = exc
+                    if stop.is_set():  # closed while this read was in flight: the frame belongs to no one
+                        return
+                    self.counters.skipped += self._latest is not None
+                    self._latest = frame
                     self._cond.notify_all()
-                return
-            with self._cond:
-                self.counters.skipped += self._latest is not None
-                self._latest = frame
-                self._cond.notify_all()
+        finally:
+            capture.release()
 
     def pull(self, timeout: float) -> RawFrame | None:
         if self.is_file:
-            return self._grab()
+            return self._grab(self.capture)
         with self._cond:
             self._cond.wait_for(lambda: self._latest is not None or self._error is not None, timeout)
             frame, self._latest = self._latest, None
@@ -504,10 +518,14 @@ class OpenCVBackend:
             return frame
 
     def close(self) -> None:
-        self._running = False
         if self._reader is not None:
+            with self._cond:
+                self._stop.set()
             self._reader.join(self.config.read_timeout_s + 1)
-            self._reader = None
+            if self._reader.is_alive():
+                log.warning("opencv reader of %s still in read(); it releases its capture when that returns",
+                            self.config.uri)
+            self._reader = self._stop = None
         if self.capture is not None:
             self.capture.release()
         self.capture = None

@@ -197,3 +197,19 @@ def test_reconnect_backoff_doubles_up_to_the_cap_even_after_days_of_failures():
     assert [reconnect_delay(n, 0.5, 30.0) for n in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     # A camera down over a weekend fails thousands of times; 2**1024 used to raise OverflowError.
     assert [reconnect_delay(n, 0.5, 30.0) for n in (1023, 1024, 100_000)] == [30.0, 30.0, 30.0]
+
+
+def test_opencv_live_reader_closes_and_reopens_cleanly(tmp_path):
+    """A file:// URI takes the live path (reader thread, newest frame wins): each close ends its reader."""
+    import threading
+
+    video = write_video(tmp_path / "clip.avi", grey_frames(20), fps=10)
+    src = source(kind="opencv", uri=f"file://{video}", at_end="reconnect")
+    for _ in range(5):
+        frame = None
+        while frame is None:
+            frame = src.read(2.0)
+        assert 0 <= grey_index(frame) < 20
+        src.close()
+        assert not [t for t in threading.enumerate() if t.name == "opencv-reader"]
+    assert src.counters.frames == 5
