@@ -338,8 +338,7 @@ class MqttSink:
             try:
                 self._pending.append(_Entry.from_record(key, record))
             except (KeyError, TypeError, ValueError) as exc:
-                log.error("spool file %s has an unexpected layout (%s): dropped", self._spool.folder / key, exc)
-                self._spool.remove(key)
+                self._spool.set_aside(key, f"has an unexpected layout ({exc!r})")
                 self._counts["corrupt"] += 1
         if records:
             log.info("MQTT: %d verdict(s) of a previous run found in %s: delivering them first",

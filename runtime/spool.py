@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".json"
+KEY = re.compile(r"\d{12,}\.json")  # what put() names its files; the counter outgrows 12 digits only after 10^12
 
 
 class Spool:
@@ -27,7 +29,7 @@ class Spool:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        names = sorted(p.name for p in self.folder.glob(f"*{SUFFIX}"))
+        names = sorted(p.name for p in self.folder.glob(f"*{SUFFIX}") if KEY.fullmatch(p.name))
         self._next = int(names[-1].removesuffix(SUFFIX)) + 1 if names else 1
 
     def put(self, record: dict) -> str:
@@ -44,8 +46,8 @@ class Spool:
     def load(self) -> tuple[list[tuple[str, dict]], int]:
         """The records left by a previous run, oldest first, and how many were unreadable.
 
-        An unreadable file (a power cut mid-write) is renamed to ``*.corrupt`` for inspection and
-        counted; temporary files of interrupted writes are removed.
+        An unreadable file (a power cut mid-write) or one not named like ours is set aside (``set_aside``)
+        and counted; temporary files of interrupted writes are removed.
         """
         for tmp in self.folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -53,13 +55,24 @@ class Spool:
         corrupt = 0
         for path in sorted(self.folder.glob(f"*{SUFFIX}")):
             try:
+                if not KEY.fullmatch(path.name):
+                    raise ValueError(f"not a spool file name (expected {KEY.pattern})")
                 record = json.loads(path.read_text())
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
             except (OSError, ValueError) as exc:
-                log.error("spool file %s is unreadable (%s): moved aside as %s.corrupt", path, exc, path.name)
-                path.rename(path.with_name(path.name + ".corrupt"))
+                self.set_aside(path.name, f"is unreadable ({exc})")
                 corrupt += 1
                 continue
             records.append((path.name, record))
         return records, corrupt
+
+    def set_aside(self, key: str, problem: str) -> None:
+        """Rename a bad file to ``<key>.corrupt`` for inspection, saying what is wrong with it."""
+        path = self.folder / key
+        try:
+            path.rename(path.with_name(path.name + ".corrupt"))
+        except OSError as exc:
+            log.error("spool file %s %s; cannot move it aside (%s): left in place", path, problem, exc)
+            return
+        log.error("spool file %s %s: moved aside as %s.corrupt", path, problem, path.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import queue
 import shutil
@@ -297,15 +298,19 @@ def test_spool_survives_sink_restarts_during_an_outage(mosquitto: Mosquitto, tmp
     listener.close()
 
 
-def test_unreadable_spool_files_are_counted_and_kept_aside(tmp_path: Path) -> None:
+def test_unreadable_spool_files_are_counted_and_kept_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sink = MqttSink(MqttConfig(port=free_port()), CAMERA, tmp_path)  # no broker listens there
     sink.spool_dir.mkdir(parents=True)
     (sink.spool_dir / "000000000001.json").write_text('{"queued_at": 1')  # torn by a power cut
-    (sink.spool_dir / "000000000002.json").write_text('{"queued_at": 1, "verdict": {}}')
-    sink.start()
+    (sink.spool_dir / "000000000002.json").write_text('{"queued_at": 1, "verdict": {}}')  # wrong layout
+    (sink.spool_dir / "notes.json").write_text('{}')  # not ours: used to crash start with int('notes')
+    with caplog.at_level(logging.ERROR):
+        sink.start()
     sink.stop(flush_timeout=0)
-    assert sink.drops["corrupt"] == 2 and sink.queue_depth == 0
-    assert sorted(p.name for p in sink.spool_dir.iterdir()) == ["000000000001.json.corrupt"]
+    assert sink.drops["corrupt"] == 3 and sink.queue_depth == 0
+    assert sorted(p.name for p in sink.spool_dir.iterdir()) == [
+        "000000000001.json.corrupt", "000000000002.json.corrupt", "notes.json.corrupt"]
+    assert f"spool file {sink.spool_dir / 'notes.json'} is unreadable (not a spool file name" in caplog.text
 
 
 def test_queue_bounds_drop_the_oldest_and_count_them(mosquitto: Mosquitto, tmp_path: Path, open_sinks,
