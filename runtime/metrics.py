@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from patchline.runtime.config import ConfigError
 from patchline.runtime.evidence import EvidenceStore
 from patchline.runtime.mqtt import MqttSink
 from patchline.runtime.sources import FrameSource
@@ -143,7 +144,10 @@ class MetricsServer:
                 return [json.dumps({"healthy": healthy, **detail}).encode()]
             return metrics_app(environ, start_response)
 
-        self.server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        try:
+            self.server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        except OSError as exc:  # busy port, unknown host: say which setting
+            raise ConfigError(f"metrics.host/port {host}:{port}: cannot listen: {exc.strerror or exc}") from exc
         self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
         self.thread.start()

@@ -165,7 +165,7 @@ def make_verdict(
         "timestamp": iso_utc(_finite("timestamp", timestamp)),
         "frame_age_ms": round(age * 1000.0, 3),
         "score": _finite("score", decision.score),
-        "normalised_score": None if decision.normalised is None else _finite("normalised", decision.normalised),
+        "normalised_score": None if decision.normalised is None else _finite("normalised_score", decision.normalised),
         "threshold": _finite("threshold", decision.threshold),
         "verdict": decision.verdict,
         "location": {"x": x, "y": y},

@@ -351,6 +351,22 @@ def test_evidence_writer_survives_a_failing_job_and_close_returns(tmp_path):
     assert [str(p) for p in (tmp_path / "evidence").iterdir()] == [kept]  # the failed folder was removed
 
 
+def test_a_busy_metrics_port_names_the_setting():
+    from prometheus_client import CollectorRegistry
+
+    from patchline.runtime.metrics import MetricsServer
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(ConfigError, match=f"metrics.host/port 127.0.0.1:{port}: cannot listen: Address already in use"):
+            MetricsServer(CollectorRegistry(), lambda: (True, {}), "127.0.0.1", port)
+    finally:
+        taken.close()
+
+
 def test_the_example_line_config_is_valid_and_its_pipeline_parses():
     config = load_config(Path(__file__).parents[1] / "configs" / "line.yaml", [], model=RunConfig)
     assert config.source.kind == "gstreamer" and config.mqtt.password_credential == "mqtt-password"

@@ -112,6 +112,8 @@ def test_verdict_payload_matches_schema_and_rejects_bad_values() -> None:
     assert not VALIDATOR.is_valid(bad)
     with pytest.raises(ValueError, match="score"):
         make_verdict(**dict(_args(), decision=Decision(math.nan, None, 1.0, "OK")))
+    with pytest.raises(ValueError, match="verdict field normalised_score must be a finite number"):
+        make_verdict(**dict(_args(), decision=Decision(1.0, math.inf, 1.0, "OK")))
     with pytest.raises(ValueError, match="frame_age_s"):
         make_verdict(**dict(_args(), frame_age_s=-0.5))
     with pytest.raises(ValueError, match="seq"):
