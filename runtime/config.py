@@ -253,6 +253,13 @@ class SourceSection(Section):
     reconnect_min_s: float = Field(1.0, gt=0)  # backoff doubles from min to max between failed attempts
     reconnect_max_s: float = Field(30.0, gt=0)
 
+    @model_validator(mode="after")
+    def _backoff_range(self) -> SourceSection:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(f"reconnect_min_s ({self.reconnect_min_s:g}) is larger than reconnect_max_s "
+                             f"({self.reconnect_max_s:g})")
+        return self
+
 
 class StreamSection(SourceSection):
     # What the end of the stream means: stop the run (a file), play it again (loop a file), or reconnect (a camera).
@@ -329,7 +336,7 @@ class RunConfig(Section):
     precision: Literal["fp32", "int8"] = "fp32"  # int8: the artifact's model.int8.onnx (patchline quantize)
     distance: Literal["cpu", "cuda", "cuda-fp16"] = "cpu"
     # Raw-score threshold; overrides the artifact's calibration. Needed when the artifact is not calibrated.
-    threshold: float | None = None
+    threshold: float | None = Field(None, gt=0, allow_inf_nan=False)
     mode: Literal["continuous", "trigger"] = "continuous"
     source: SourceConfig
     trigger: TriggerConfig = TriggerConfig()

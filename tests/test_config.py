@@ -77,3 +77,18 @@ def test_run_config_has_a_tensorrt_section(tmp_path):
     assert config.tensorrt.build is False and config.tensorrt.precision == "fp32"
     with pytest.raises(ConfigError, match="tensorrt.bild"):
         load_config(run_yaml(tmp_path, "tensorrt: {bild: false}\n"), model=RunConfig)
+
+
+def test_run_config_refuses_values_that_would_fail_later(tmp_path):
+    from patchline.runtime.config import RunConfig
+
+    path = run_yaml(tmp_path, "threshold: .nan\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, model=RunConfig)
+    assert str(path) in str(err.value) and "threshold" in str(err.value) and "finite" in str(err.value)
+    with pytest.raises(ConfigError, match="threshold: Input should be greater than 0"):
+        load_config(run_yaml(tmp_path, "threshold: -1\n"), model=RunConfig)
+    path = run_yaml(tmp_path, "").read_text().replace("path: /tmp}", "path: /tmp, reconnect_min_s: 60}")
+    (tmp_path / "line.yaml").write_text(path)
+    with pytest.raises(ConfigError, match=r"source.folder.*reconnect_min_s \(60\) is larger than reconnect_max_s \(30\)"):
+        load_config(tmp_path / "line.yaml", model=RunConfig)
