@@ -52,8 +52,9 @@ test: venv
 	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
 # The daemon as a systemd service (as root): a venv in $(PREFIX), a system user, the unit patchline@.service.
-# Then: write /etc/patchline/<camera>.yaml (see configs/line.yaml), the MQTT password (if any) to
-# /etc/patchline/credentials/<camera>.mqtt-password, and `systemctl enable --now patchline@<camera>`.
+# Then: write /etc/patchline/<camera>.yaml (see configs/line.yaml), the MQTT password (if any) to systemd's
+# credential store, /etc/credstore/patchline-<camera>.mqtt-password (mode 0600), and
+# `systemctl enable --now patchline@<camera>`.
 PREFIX ?= /opt/patchline
 UNIT_DIR ?= /etc/systemd/system
 install: system-deps
@@ -62,7 +63,7 @@ install: system-deps
 	$(PYTHON) -m venv --system-site-packages $(PREFIX)/venv
 	$(PREFIX)/venv/bin/pip install -q -c constraints.txt .
 	install -d -m 0755 /etc/patchline
-	install -d -m 0700 /etc/patchline/credentials
+	install -d -m 0700 /etc/credstore
 	install -m 0644 configs/line.yaml /etc/patchline/example.yaml.sample
 	sed 's|/opt/patchline|$(PREFIX)|g' deploy/patchline@.service > $(UNIT_DIR)/patchline@.service
 	systemctl daemon-reload 2>/dev/null || true
