@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
@@ -77,7 +77,7 @@ class _Collected(Collector):
     def __init__(self, metrics: Metrics, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None) -> None:
         self.metrics, self.source, self.sink, self.evidence = metrics, source, sink, evidence
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Metric]:
         camera = self.metrics.camera
         c = self.source.counters
         counters = {
@@ -133,7 +133,8 @@ class _Quiet(WSGIRequestHandler):
 class MetricsServer:
     """``/metrics`` (Prometheus) and ``/healthz`` (200 while frames flow, else 503) on one port."""
 
-    def __init__(self, registry: CollectorRegistry, health: Callable[[], tuple[bool, dict]], host: str, port: int):
+    def __init__(self, registry: CollectorRegistry, health: Callable[[], tuple[bool, dict]], host: str,
+                 port: int) -> None:
         metrics_app = make_wsgi_app(registry)
 
         def app(environ, start_response):

@@ -33,10 +33,6 @@ class Notifier:
         self.watchdog_s = int(usec) / 1e6 if watched else None
         self._last_ping = -float("inf")
 
-    @property
-    def enabled(self) -> bool:
-        return self.socket is not None
-
     def send(self, **fields: object) -> None:
         if self.socket is None:
             return

@@ -81,11 +81,6 @@ class SeqCounter:
                              " restore it or write the last seq the PLC saw into it") from None
         return last, reserved, boot
 
-    @property
-    def value(self) -> int:
-        """The last number handed out (0 before the first)."""
-        return self._value
-
     def next(self) -> int:
         with self._lock:
             value = self._value + 1
