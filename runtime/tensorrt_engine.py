@@ -39,13 +39,11 @@ class TensorRtEngine:
         device: str = "cuda",
         settings: TensorRtConfig | None = None,
         calibrator: object | None = None,
-        threads: int | None = None,
         warm_up: bool = True,
     ) -> None:
         from patchline.runtime.cuda_device import CudaDevice
         from patchline.runtime.trt_build import prepare_engine, tensorrt_module
 
-        del threads  # ONNX Runtime's CPU thread count; TensorRT has nothing to size with it
         self.device = CudaDevice("cuda" if device == "auto" else device)
         trt = tensorrt_module()
         import pycuda.driver as cuda  # importable now that CudaDevice found the driver
