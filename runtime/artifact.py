@@ -142,13 +142,13 @@ class Artifact:
     def model_path(self) -> Path:
         return self.folder / self.manifest.model.file
 
-    @property
-    def checksum(self) -> str:
-        """The model's identity in verdicts: sha256 of the ONNX file and the bank together."""
-        digest = hashlib.sha256()
-        for name in sorted(self.manifest.sha256):
-            digest.update(self.manifest.sha256[name].encode())
-        return digest.hexdigest()
+    def checksum(self, model_file: str | None = None) -> str:
+        """What scores mean, in verdicts and score sets: the model file that runs (default: the fp32 one),
+        the memory bank and num_neighbors, by their sha256; files added later (index, calibration) leave it be."""
+        sums = self.manifest.sha256
+        parts = [sums[model_file or self.manifest.model.file], sums[self.manifest.memory_bank.file],
+                 str(self.manifest.num_neighbors)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def file(self, name: str) -> Path:
         return self.folder / name

@@ -60,6 +60,7 @@ class Inspector:
         self.precision = precision
         # An explicit model file (the benchmark's NAME@FILE variants) wins over the precision's.
         self.model_file = str(model_file or self.artifact.model_file(precision))
+        self.checksum = self.artifact.checksum(self.model_file)  # the identity verdicts carry
         if self.model_file != manifest.model.file:  # engines run the manifest's fp32 model unless told another file
             if "model_file" not in accepted:
                 raise ValueError(f"model file {self.model_file} runs on the onnxruntime engine; engine {engine!r} "
