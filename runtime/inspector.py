@@ -69,7 +69,8 @@ class Inspector:
         if threads is not None and "threads" in accepted:  # CPU threads: an engine without them ignores it
             engine_options["threads"] = threads
         self.engine = create_engine(engine, self.artifact, **engine_options)
-        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads)
+        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads,
+                               str(self.artifact.folder))
         self.gpu_bank = None
         if distance != "cpu":
             from patchline.runtime.gpu_distance import GpuNearest

@@ -31,18 +31,25 @@ class MemoryBank:
         dims: int = SEARCH_DIMS,
         approximate: bool = False,
         threads: int | None = None,
+        source: str | None = None,
     ) -> None:
+        """``source`` names the artifact in errors."""
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
         self.sq_norms = squared_norms(self.rows)
         index = index or BankIndex()
         self.threads = threads
         self.knn = index.knn
         self.search = None
+        where = f"{source}: " if source else ""
         if index.basis is not None:
+            if not 1 <= dims <= index.basis.shape[1]:
+                raise ValueError(f"{where}search dims {dims}: the bank projection has {index.basis.shape[1]} "
+                                 f"directions; choose 1 to {index.basis.shape[1]}")
             basis = index.basis[:, :dims]
             self.search = ProjectedSearch(self.rows, self.sq_norms, index.mean, basis, approximate, threads)
         elif approximate:
-            raise ValueError("the approximate search needs the bank projection, which this artifact lacks")
+            raise ValueError(f"{where}the approximate search needs the bank projection, which this artifact lacks; "
+                             f"add it with `patchline index {source or 'ARTIFACT'}`")
 
     def __len__(self) -> int:
         return self.rows.shape[0]
