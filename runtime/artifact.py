@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
@@ -126,7 +127,10 @@ def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
     files = [manifest.model.file, manifest.memory_bank.file, *manifest.extra_files.values()]
     sums = {name: sha256_file(folder / name) for name in files}
     manifest = manifest.model_copy(update={"sha256": sums})
-    (folder / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    # A new file renamed over the old: a crash or a concurrent load never sees half a manifest.
+    partial = folder / f"{MANIFEST}.{os.getpid()}.partial"
+    partial.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    os.replace(partial, folder / MANIFEST)
     return manifest
 
 

@@ -45,6 +45,16 @@ def test_checksum_names_the_model_file_that_runs_and_ignores_added_files(artifac
     assert Inspector(loaded, device="cpu", precision="int8").checksum == loaded.checksum("model.int8.onnx")
 
 
+def test_write_manifest_replaces_the_file_whole(artifact):
+    """A reader that opened the manifest before a rewrite still reads the complete old one, never a truncated file."""
+    manifest = read_manifest(artifact)
+    with open(artifact / "manifest.json") as reader:
+        write_manifest(artifact, manifest.model_copy(update={"model_id": "rewritten"}))
+        assert json.loads(reader.read())["model_id"] == manifest.model_id
+    assert read_manifest(artifact).model_id == "rewritten"
+    assert sorted(p.name for p in artifact.iterdir() if "manifest" in p.name) == ["manifest.json"]
+
+
 def test_missing_folder_and_manifest(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         load_artifact(tmp_path / "nope")
