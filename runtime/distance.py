@@ -30,7 +30,15 @@ UNIT_ROUNDOFF = 2.0**-24  # float32
 T = TypeVar("T")
 
 
-_WORKERS = os.cpu_count() or 1
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a systemd CPUAffinity or cpuset), not
+    the machine's count, so a service confined to some cores does not start a thread per core of the box."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_WORKERS = available_cores()
 _pool: ThreadPoolExecutor | None = None
 _blas_lock = threading.Lock()
 _blas_users = 0

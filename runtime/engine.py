@@ -7,7 +7,6 @@ engines import their libraries lazily so CPU boxes never need them.
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -16,6 +15,7 @@ import numpy as np
 from patchline.runtime.artifact import Artifact, ArtifactError
 from patchline.runtime.config import TensorRtConfig
 from patchline.runtime.cuda_device import GpuUnavailable
+from patchline.runtime.distance import available_cores
 from patchline.runtime.tensorrt_engine import TensorRtEngine
 
 
@@ -124,7 +124,7 @@ class OnnxRuntimeEngine:
         if graph_optimization not in GRAPH_OPTIMIZATION:
             raise ValueError(f"graph_optimization {graph_optimization!r}: one of {', '.join(GRAPH_OPTIMIZATION)}")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or available_cores()
         path = artifact.file(model_file or artifact.manifest.model.file)
         if not path.is_file():
             raise ArtifactError(f"{path}: no such model file in the artifact")

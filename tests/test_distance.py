@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -44,3 +47,13 @@ def test_nearest_rejects_k_larger_than_bank():
     with pytest.raises(ValueError, match="bank size"):
         nearest(np.zeros((1, 4), np.float32), np.zeros((3, 4), np.float32), k=4)
 
+
+
+def test_search_workers_follow_cpu_affinity_not_the_machine():
+    """A service pinned to one core (taskset, systemd CPUAffinity) gets one search worker and one ORT thread."""
+    code = ("import os\n"
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "from patchline.runtime import distance\n"
+            "print(distance.available_cores(), distance._WORKERS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]
