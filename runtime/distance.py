@@ -40,26 +40,36 @@ def available_cores() -> int:
 
 _WORKERS = available_cores()
 _pool: ThreadPoolExecutor | None = None
-_blas_lock = threading.Lock()
+_lock = threading.Lock()  # guards the lazily made pool and controller, and the BLAS user count
 _blas_users = 0
+_blas_controller: ThreadpoolController | None = None  # finding the BLAS libraries takes ~0.5 ms: once
 _blas_limiter = None
 
 
 @contextmanager
 def _single_threaded_blas() -> Iterator[None]:
     """BLAS at one thread while any search runs (searches of several cameras may overlap)."""
-    global _blas_users, _blas_limiter
-    with _blas_lock:
+    global _blas_users, _blas_controller, _blas_limiter
+    with _lock:
         if _blas_users == 0:
-            _blas_limiter = ThreadpoolController().limit(limits=1, user_api="blas")
+            _blas_controller = _blas_controller or ThreadpoolController()
+            _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
         _blas_users += 1
     try:
         yield
     finally:
-        with _blas_lock:
+        with _lock:
             _blas_users -= 1
             if _blas_users == 0:
                 _blas_limiter.restore_original_limits()
+
+
+def _search_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="patchline-search")
+        return _pool
 
 
 def in_row_chunks(fn: Callable[[np.ndarray], T], x: np.ndarray, threads: int | None = None, align: int = 1) -> list[T]:
@@ -69,16 +79,14 @@ def in_row_chunks(fn: Callable[[np.ndarray], T], x: np.ndarray, threads: int | N
     too, and no BLAS pool is left spinning to fight ONNX Runtime's threads on the next frame
     (measured: `patchline bench`, README).
     """
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="patchline-search")
+    pool = _search_pool()
     n = x.shape[0]
     units = -(-n // align)
     parts = max(1, min(threads or _WORKERS, _WORKERS, units))
     cuts = [min(n, align * (units * i // parts)) for i in range(parts + 1)]
     ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(0, n)]
     with _single_threaded_blas():
-        return list(_pool.map(lambda r: fn(x[r[0] : r[1]]), ranges))
+        return list(pool.map(lambda r: fn(x[r[0] : r[1]]), ranges))
 
 
 def squared_norms(x: np.ndarray) -> np.ndarray:

@@ -57,3 +57,20 @@ def test_search_workers_follow_cpu_affinity_not_the_machine():
             "print(distance.available_cores(), distance._WORKERS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "1"]
+
+
+def test_searches_hold_blas_to_one_thread_then_restore_it_with_one_controller():
+    from threadpoolctl import threadpool_info
+
+    from patchline.runtime import distance
+
+    def blas_threads(_chunk=None):
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    during = distance.in_row_chunks(blas_threads, np.zeros((8, 4), np.float32), threads=2)
+    controller = distance._blas_controller
+    distance.in_row_chunks(blas_threads, np.zeros((8, 4), np.float32))
+    assert all(threads == [1] * len(before) for threads in during)
+    assert blas_threads() == before
+    assert controller is not None and distance._blas_controller is controller
