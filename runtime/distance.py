@@ -23,6 +23,8 @@ from threadpoolctl import ThreadpoolController
 BLOCK_ROWS = 4096
 # Queries per block of the projected search: its bound matrix (queries × bank rows) stays in cache.
 QUERY_BLOCK = 64
+# Bank rows lifted at a time by the projected search: bounds its float64 temporaries.
+LIFT_ROWS = 4096
 # A query left with more candidates than this fraction of the bank (a far outlier patch) is
 # checked by the blocked GEMM instead: gathering its rows would cost more than streaming the bank.
 CANDIDATE_FRACTION = 1 / 16
@@ -241,12 +243,9 @@ class ProjectedSearch:
         self.basis = np.linalg.qr(basis.astype(np.float64))[0]
         dims = self.basis.shape[1]
         lifted = np.empty((bank.shape[0], dims + 2), np.float32)
-        for start in range(0, bank.shape[0], 4096):  # bounded float64 temporaries
-            chunk = bank[start : start + 4096].astype(np.float64) - self.mean
-            projected, centred_sq = chunk @ self.basis, np.square(chunk).sum(axis=1)
-            lifted[start : start + 4096, :dims] = projected
-            lifted[start : start + 4096, dims] = np.sqrt(np.maximum(centred_sq - np.square(projected).sum(axis=1), 0.0))
-            lifted[start : start + 4096, dims + 1] = centred_sq
+        for start in range(0, bank.shape[0], LIFT_ROWS):
+            rows = slice(start, start + LIFT_ROWS)
+            lifted[rows, :dims], lifted[rows, dims], lifted[rows, dims + 1] = self._project(bank[rows])
         # Rows of the bound GEMM's right operand: [ŷ, |ŷ|²]; queries come as [−2x̂, 1], so one
         # product gives |ŷ|² − 2x̂·ŷ and the bound is that plus |x̂|².
         self.lifted = lifted
@@ -259,11 +258,16 @@ class ProjectedSearch:
     def dims(self) -> int:
         return self.basis.shape[1]
 
-    def _lift_queries(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _project(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The lift of rows ``x`` in float64: Pᵀ(x−μ), ρ(x) and |x−μ|²."""
         centred = x.astype(np.float64) - self.mean
         projected = centred @ self.basis
         centred_sq = np.square(centred).sum(axis=1)
         residual = np.sqrt(np.maximum(centred_sq - np.square(projected).sum(axis=1), 0.0))
+        return projected, residual, centred_sq
+
+    def _lift_queries(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        projected, residual, centred_sq = self._project(x)
         lifted = np.empty((x.shape[0], self.dims + 2), np.float32)
         lifted[:, : self.dims] = -2.0 * projected
         lifted[:, self.dims] = -2.0 * residual
