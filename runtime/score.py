@@ -6,6 +6,8 @@ Formulas follow anomalib's PatchcoreModel (export/torch_baseline.py is the torch
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -90,13 +92,19 @@ def image_score(bank: MemoryBank, patches: np.ndarray, dist: np.ndarray, idx: np
     return reweight(bank, patches[top], float(dist[top]), int(idx[top]), num_neighbors), top
 
 
-def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Patch scores nearest-upsampled to ``size`` (H, W), then Gaussian-blurred with σ=4."""
-    h, w = patch_scores.shape
-    height, width = size
+@functools.lru_cache(maxsize=16)
+def _nearest_indices(h: int, w: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source row and column of each output pixel, read-only: the same for every frame of one grid and size."""
     # torch's 'nearest' picks floor(dst · in/out); index arrays reproduce it exactly for any ratio.
     rows = np.minimum((np.arange(height) * (h / height)).astype(np.int64), h - 1)
     cols = np.minimum((np.arange(width) * (w / width)).astype(np.int64), w - 1)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
+
+
+def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Patch scores nearest-upsampled to ``size`` (H, W), then Gaussian-blurred with σ=4."""
+    rows, cols = _nearest_indices(*patch_scores.shape, *size)
     upsampled = np.ascontiguousarray(patch_scores[np.ix_(rows, cols)], dtype=np.float32)
     # torch's 'reflect' padding does not repeat the edge pixel: OpenCV's BORDER_REFLECT_101.
     return cv2.GaussianBlur(upsampled, (MAP_KERNEL, MAP_KERNEL), MAP_SIGMA, MAP_SIGMA, cv2.BORDER_REFLECT_101)
