@@ -57,7 +57,6 @@ class Inspector:
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
-        self.precision = precision
         # An explicit model file (the benchmark's NAME@FILE variants) wins over the precision's.
         self.model_file = str(model_file or self.artifact.model_file(precision))
         self.checksum = self.artifact.checksum(self.model_file)  # the identity verdicts carry
