@@ -150,7 +150,10 @@ class Artifact:
         """What scores mean, in verdicts and score sets: the model file that runs (default: the fp32 one),
         the memory bank and num_neighbors, by their sha256; files added later (index, calibration) leave it be."""
         sums = self.manifest.sha256
-        parts = [sums[model_file or self.manifest.model.file], sums[self.manifest.memory_bank.file],
+        model_file = model_file or self.manifest.model.file
+        if model_file not in sums:
+            raise ArtifactError(f"{self.folder}: {model_file} is not a file the manifest checksums")
+        parts = [sums[model_file], sums[self.manifest.memory_bank.file],
                  str(self.manifest.num_neighbors)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

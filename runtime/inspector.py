@@ -59,7 +59,6 @@ class Inspector:
         self.preprocess = manifest.preprocess.preprocessor()
         # An explicit model file (the benchmark's NAME@FILE variants) wins over the precision's.
         self.model_file = str(model_file or self.artifact.model_file(precision))
-        self.checksum = self.artifact.checksum(self.model_file)  # the identity verdicts carry
         if self.model_file != manifest.model.file:  # engines run the manifest's fp32 model unless told another file
             if "model_file" not in accepted:
                 raise ValueError(f"model file {self.model_file} runs on the onnxruntime engine; engine {engine!r} "
@@ -68,6 +67,7 @@ class Inspector:
         if threads is not None and "threads" in accepted:  # CPU threads: an engine without them ignores it
             engine_options["threads"] = threads
         self.engine = create_engine(engine, self.artifact, **engine_options)
+        self.checksum = self.artifact.checksum(self.model_file)  # the identity verdicts carry
         self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads,
                                str(self.artifact.folder))
         self.gpu_bank = None

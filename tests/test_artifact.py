@@ -42,6 +42,8 @@ def test_checksum_names_the_model_file_that_runs_and_ignores_added_files(artifac
     loaded = load_artifact(artifact)
     assert loaded.checksum() == loaded.checksum("model.onnx") == before
     assert loaded.checksum("model.int8.onnx") != before
+    with pytest.raises(ArtifactError, match="other.onnx is not a file the manifest checksums"):
+        loaded.checksum("other.onnx")
     assert Inspector(loaded, device="cpu", precision="int8").checksum == loaded.checksum("model.int8.onnx")
 
 
