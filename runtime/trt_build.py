@@ -101,14 +101,16 @@ def _set_precision(trt, config, profile, settings: TensorRtConfig, calibrator: o
         config.set_calibration_profile(profile)
 
 
-def build_plan(onnx_path: Path, input_name: str, chw: tuple[int, int, int], settings: TensorRtConfig,
+def build_plan(onnx_path: Path, onnx_sha256: str, input_name: str, chw: tuple[int, int, int], settings: TensorRtConfig,
                work_dir: Path, calibrator: object | None = None) -> tuple[bytes, dict[str, object]]:
-    """Serialised engine for ``onnx_path`` (input ``input_name`` of shape (N, *chw)) and facts about the build."""
+    """Serialised engine for ``onnx_path`` (input ``input_name`` of shape (N, *chw)) and facts about the build.
+
+    ``onnx_sha256`` is the file's checksum from the manifest (checked when the artifact was loaded)."""
     trt = tensorrt_module()
     started = time.perf_counter()
     source = onnx_path
     if settings.precision == "fp16" and not weakly_typed(trt):
-        source = work_dir / f"{sha256_file(onnx_path)[:16]}_fp16.onnx"
+        source = work_dir / f"{onnx_sha256[:16]}_fp16.onnx"
         if not source.is_file():
             convert_to_fp16(onnx_path, source)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -157,7 +159,7 @@ def prepare_engine(artifact: Artifact, settings: TensorRtConfig, device: object,
 
     def make_plan() -> tuple[bytes, dict[str, object]]:
         with device.active():
-            plan, info = build_plan(artifact.model_path, manifest.preprocess.input_name,
+            plan, info = build_plan(artifact.model_path, key.onnx_sha256, manifest.preprocess.input_name,
                                     (3, *manifest.preprocess.input_size), settings, work_dir, calibrator)
         return plan, {**info, "gpu": device.name, "model_id": manifest.model_id}
 
