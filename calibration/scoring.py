@@ -6,7 +6,6 @@ loading it for a different artifact or model file is refused, since its scores w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,13 +22,6 @@ from patchline.runtime.preprocess import ImageError, read_image
 log = logging.getLogger("patchline.calibration")
 
 
-def scoring_checksum(artifact: Artifact, model_file: str) -> str:
-    """Identity of what scores mean: the model file that ran and the memory bank, by their sha256."""
-    sums = artifact.manifest.sha256
-    parts = [sums[model_file], sums[artifact.manifest.memory_bank.file], str(artifact.manifest.num_neighbors)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
 class ScoreSetMismatch(ValueError):
     """Scores produced by another artifact or model than the one they are used with."""
 
@@ -42,7 +34,7 @@ class ScoreSet:
     latency_ms: np.ndarray  # (N,) per-frame time through the runtime, preprocessing included
     model_id: str
     model_file: str
-    checksum: str  # scoring_checksum of the artifact and model file that produced it
+    checksum: str  # Artifact.checksum of the model file that produced it
     skipped: list[str] = field(default_factory=list)  # "path: reason" of images that could not be read
 
     @property
@@ -67,7 +59,7 @@ class ScoreSet:
         return np.array(keep), masks
 
     def check_scored_by(self, artifact: Artifact, model_file: str, source: str) -> None:
-        expected = scoring_checksum(artifact, model_file)
+        expected = artifact.checksum(model_file)
         if self.checksum != expected:
             raise ScoreSetMismatch(
                 f"{source}: scores were produced by model {self.model_id} ({self.model_file}, checksum "
@@ -127,6 +119,6 @@ def score_samples(inspector: Inspector, samples: list[Sample], progress: bool = 
         latency_ms=np.array(latency, np.float64),
         model_id=inspector.artifact.manifest.model_id,
         model_file=inspector.model_file,
-        checksum=scoring_checksum(inspector.artifact, inspector.model_file),
+        checksum=inspector.checksum,
         skipped=skipped,
     )

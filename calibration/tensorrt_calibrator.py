@@ -1,9 +1,11 @@
-"""TensorRT INT8 entropy calibrator fed by the same batches as the ONNX Runtime quantiser.
+"""INT8 calibration of the TensorRT engine, fed by the same batches as the ONNX Runtime quantiser.
 
 TensorRT 10 still offers implicit INT8 calibration through ``IInt8EntropyCalibrator2`` (deprecated
 since 10.1 in favour of explicit Q/DQ models, such as ``model.int8.onnx``, which TensorRT also
-builds). The calibration cache is written next to the engine, so a rebuild on the same box skips
-calibration. tensorrt and pycuda are imported only when a calibrator is made.
+builds). ``calibrate_engine`` calibrates from images while it builds the engine and writes the
+calibration cache to ``tensorrt.calibration_cache``; later builds of that engine (a TensorRT
+upgrade, another box of the same GPU) replay the cache instead of needing the images. tensorrt and
+pycuda are imported only when calibrating.
 """
 
 from __future__ import annotations
@@ -15,20 +17,15 @@ import numpy as np
 
 from patchline.calibration.quantize import CalibrationBatches, calibration_images
 from patchline.runtime.artifact import load_artifact
+from patchline.runtime.config import TensorRtConfig
+from patchline.runtime.engine_cache import write_atomically
 
 log = logging.getLogger("patchline.calibration")
 
-CACHE_SUFFIX = ".calib"
 
-
-def cache_path(engine_path: str | Path) -> Path:
-    """Where the calibration cache of an engine lives: beside it, ``model.plan`` → ``model.calib``."""
-    return Path(engine_path).with_suffix(CACHE_SUFFIX)
-
-
-def entropy_calibrator(batches: CalibrationBatches, cache_file: str | Path):
-    """A ``tensorrt.IInt8EntropyCalibrator2`` that copies each batch to the GPU and keeps the cache in ``cache_file``."""
-    import pycuda.autoinit  # noqa: F401  (creates the CUDA context the copies need)
+def entropy_calibrator(batches: CalibrationBatches, cache_file: str | Path, device: object):  # noqa: ANN201
+    """A ``tensorrt.IInt8EntropyCalibrator2`` that copies each batch to ``device`` (a CudaDevice) and writes
+    its cache to ``cache_file``. Its buffer lives in the device's primary context, the one engines are built in."""
     import pycuda.driver as cuda
     import tensorrt as trt
 
@@ -40,7 +37,8 @@ def entropy_calibrator(batches: CalibrationBatches, cache_file: str | Path):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.batches = iter(batches)
-            self.device = cuda.mem_alloc(batch_bytes)
+            with device.active():
+                self.buffer = cuda.mem_alloc(batch_bytes)
 
         def get_batch_size(self) -> int:
             return batches.batch_size
@@ -51,29 +49,46 @@ def entropy_calibrator(batches: CalibrationBatches, cache_file: str | Path):
                 if batch is not None:
                     log.info("TensorRT calibration: last %d images left out (batches of %d)", len(batch), batches.batch_size)
                 return None
-            cuda.memcpy_htod(self.device, np.ascontiguousarray(batch, np.float32))
-            return [int(self.device)]
+            with device.active():
+                cuda.memcpy_htod(self.buffer, np.ascontiguousarray(batch, np.float32))
+            return [int(self.buffer)]
 
-        def read_calibration_cache(self) -> bytes | None:
-            return cache_file.read_bytes() if cache_file.is_file() else None
+        def read_calibration_cache(self) -> None:
+            return None  # always calibrate from the images: an existing cache is what is being replaced
 
         def write_calibration_cache(self, cache: bytes) -> None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_bytes(bytes(cache))
+            write_atomically(cache_file, bytes(cache))
 
     return EntropyCalibrator()
 
 
-def artifact_calibrator(
+def calibrate_engine(
     artifact_dir: str | Path,
     images_dir: str | Path,
-    engine_path: str | Path,
+    settings: TensorRtConfig,
+    device: str = "cuda",
     val_dir: str | Path | None = None,
-    batch_size: int = 4,
     limit: int | None = 32,
-):
-    """The calibrator for an artifact's engine: its images, its preprocessing, the cache beside ``engine_path``."""
+) -> tuple[Path, bool]:
+    """Calibrate and build the INT8 engine of an artifact on this GPU; write ``settings.calibration_cache``.
+
+    Returns the engine's path and whether it was built now (False: the same calibration's engine was cached).
+    Calibration runs at the profile's opt batch, as TensorRT feeds it.
+    """
+    from patchline.runtime.cuda_device import CudaDevice
+    from patchline.runtime.trt_build import prepare_engine
+
+    if settings.precision != "int8" or not settings.calibration_cache:
+        raise ValueError("TensorRT calibration is for tensorrt.precision: int8 with tensorrt.calibration_cache set "
+                         "to the file to write")
     artifact = load_artifact(artifact_dir)
+    gpu = CudaDevice(device)
     paths = calibration_images(images_dir, val_dir, limit)
-    batches = CalibrationBatches(artifact.manifest.preprocess.preprocessor(), paths, batch_size)
-    return entropy_calibrator(batches, cache_path(engine_path))
+    batch = settings.batch_profile[1]
+    if len(paths) < batch:
+        raise ValueError(f"{images_dir}: {len(paths)} images, fewer than one calibration batch of {batch} "
+                         "(tensorrt.batch_profile's opt)")
+    batches = CalibrationBatches(artifact.manifest.preprocess.preprocessor(), paths, batch)
+    calibrator = entropy_calibrator(batches, settings.calibration_cache, gpu)
+    return prepare_engine(artifact, settings, gpu, calibrator)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
@@ -126,7 +127,10 @@ def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
     files = [manifest.model.file, manifest.memory_bank.file, *manifest.extra_files.values()]
     sums = {name: sha256_file(folder / name) for name in files}
     manifest = manifest.model_copy(update={"sha256": sums})
-    (folder / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    # A new file renamed over the old: a crash or a concurrent load never sees half a manifest.
+    partial = folder / f"{MANIFEST}.{os.getpid()}.partial"
+    partial.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    os.replace(partial, folder / MANIFEST)
     return manifest
 
 
@@ -142,13 +146,16 @@ class Artifact:
     def model_path(self) -> Path:
         return self.folder / self.manifest.model.file
 
-    @property
-    def checksum(self) -> str:
-        """The model's identity in verdicts: sha256 of the ONNX file and the bank together."""
-        digest = hashlib.sha256()
-        for name in sorted(self.manifest.sha256):
-            digest.update(self.manifest.sha256[name].encode())
-        return digest.hexdigest()
+    def checksum(self, model_file: str | None = None) -> str:
+        """What scores mean, in verdicts and score sets: the model file that runs (default: the fp32 one),
+        the memory bank and num_neighbors, by their sha256; files added later (index, calibration) leave it be."""
+        sums = self.manifest.sha256
+        model_file = model_file or self.manifest.model.file
+        if model_file not in sums:
+            raise ArtifactError(f"{self.folder}: {model_file} is not a file the manifest checksums")
+        parts = [sums[model_file], sums[self.manifest.memory_bank.file],
+                 str(self.manifest.num_neighbors)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def file(self, name: str) -> Path:
         return self.folder / name

@@ -23,6 +23,8 @@ from threadpoolctl import ThreadpoolController
 BLOCK_ROWS = 4096
 # Queries per block of the projected search: its bound matrix (queries × bank rows) stays in cache.
 QUERY_BLOCK = 64
+# Bank rows lifted at a time by the projected search: bounds its float64 temporaries.
+LIFT_ROWS = 4096
 # A query left with more candidates than this fraction of the bank (a far outlier patch) is
 # checked by the blocked GEMM instead: gathering its rows would cost more than streaming the bank.
 CANDIDATE_FRACTION = 1 / 16
@@ -30,28 +32,46 @@ UNIT_ROUNDOFF = 2.0**-24  # float32
 T = TypeVar("T")
 
 
-_WORKERS = os.cpu_count() or 1
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a systemd CPUAffinity or cpuset), not
+    the machine's count, so a service confined to some cores does not start a thread per core of the box."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_WORKERS = available_cores()
 _pool: ThreadPoolExecutor | None = None
-_blas_lock = threading.Lock()
+_lock = threading.Lock()  # guards the lazily made pool and controller, and the BLAS user count
 _blas_users = 0
+_blas_controller: ThreadpoolController | None = None  # finding the BLAS libraries takes ~0.5 ms: once
 _blas_limiter = None
 
 
 @contextmanager
 def _single_threaded_blas() -> Iterator[None]:
     """BLAS at one thread while any search runs (searches of several cameras may overlap)."""
-    global _blas_users, _blas_limiter
-    with _blas_lock:
+    global _blas_users, _blas_controller, _blas_limiter
+    with _lock:
         if _blas_users == 0:
-            _blas_limiter = ThreadpoolController().limit(limits=1, user_api="blas")
+            _blas_controller = _blas_controller or ThreadpoolController()
+            _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
         _blas_users += 1
     try:
         yield
     finally:
-        with _blas_lock:
+        with _lock:
             _blas_users -= 1
             if _blas_users == 0:
                 _blas_limiter.restore_original_limits()
+
+
+def _search_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="patchline-search")
+        return _pool
 
 
 def in_row_chunks(fn: Callable[[np.ndarray], T], x: np.ndarray, threads: int | None = None, align: int = 1) -> list[T]:
@@ -61,16 +81,14 @@ def in_row_chunks(fn: Callable[[np.ndarray], T], x: np.ndarray, threads: int | N
     too, and no BLAS pool is left spinning to fight ONNX Runtime's threads on the next frame
     (measured: `patchline bench`, README).
     """
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="patchline-search")
+    pool = _search_pool()
     n = x.shape[0]
     units = -(-n // align)
     parts = max(1, min(threads or _WORKERS, _WORKERS, units))
     cuts = [min(n, align * (units * i // parts)) for i in range(parts + 1)]
     ranges = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(0, n)]
     with _single_threaded_blas():
-        return list(_pool.map(lambda r: fn(x[r[0] : r[1]]), ranges))
+        return list(pool.map(lambda r: fn(x[r[0] : r[1]]), ranges))
 
 
 def squared_norms(x: np.ndarray) -> np.ndarray:
@@ -225,12 +243,9 @@ class ProjectedSearch:
         self.basis = np.linalg.qr(basis.astype(np.float64))[0]
         dims = self.basis.shape[1]
         lifted = np.empty((bank.shape[0], dims + 2), np.float32)
-        for start in range(0, bank.shape[0], 4096):  # bounded float64 temporaries
-            chunk = bank[start : start + 4096].astype(np.float64) - self.mean
-            projected, centred_sq = chunk @ self.basis, np.square(chunk).sum(axis=1)
-            lifted[start : start + 4096, :dims] = projected
-            lifted[start : start + 4096, dims] = np.sqrt(np.maximum(centred_sq - np.square(projected).sum(axis=1), 0.0))
-            lifted[start : start + 4096, dims + 1] = centred_sq
+        for start in range(0, bank.shape[0], LIFT_ROWS):
+            rows = slice(start, start + LIFT_ROWS)
+            lifted[rows, :dims], lifted[rows, dims], lifted[rows, dims + 1] = self._project(bank[rows])
         # Rows of the bound GEMM's right operand: [ŷ, |ŷ|²]; queries come as [−2x̂, 1], so one
         # product gives |ŷ|² − 2x̂·ŷ and the bound is that plus |x̂|².
         self.lifted = lifted
@@ -243,11 +258,16 @@ class ProjectedSearch:
     def dims(self) -> int:
         return self.basis.shape[1]
 
-    def _lift_queries(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _project(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The lift of rows ``x`` in float64: Pᵀ(x−μ), ρ(x) and |x−μ|²."""
         centred = x.astype(np.float64) - self.mean
         projected = centred @ self.basis
         centred_sq = np.square(centred).sum(axis=1)
         residual = np.sqrt(np.maximum(centred_sq - np.square(projected).sum(axis=1), 0.0))
+        return projected, residual, centred_sq
+
+    def _lift_queries(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        projected, residual, centred_sq = self._project(x)
         lifted = np.empty((x.shape[0], self.dims + 2), np.float32)
         lifted[:, : self.dims] = -2.0 * projected
         lifted[:, self.dims] = -2.0 * residual

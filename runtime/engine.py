@@ -6,7 +6,7 @@ engines import their libraries lazily so CPU boxes never need them.
 
 from __future__ import annotations
 
-import os
+import inspect
 from collections.abc import Callable
 from typing import Protocol
 
@@ -15,6 +15,8 @@ import numpy as np
 from patchline.runtime.artifact import Artifact, ArtifactError
 from patchline.runtime.config import TensorRtConfig
 from patchline.runtime.cuda_device import GpuUnavailable
+from patchline.runtime.distance import available_cores
+from patchline.runtime.tensorrt_engine import TensorRtEngine
 
 
 class Engine(Protocol):
@@ -36,17 +38,20 @@ def register(name: str) -> Callable[[Callable[..., Engine]], Callable[..., Engin
     return add
 
 
-def create_engine(name: str, artifact: Artifact, **options: object) -> Engine:
+def accepted_options(name: str) -> set[str]:
+    """The keyword options engine ``name`` takes, besides the artifact."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}")
+    return set(inspect.signature(ENGINES[name]).parameters) - {"artifact"}
+
+
+def create_engine(name: str, artifact: Artifact, **options: object) -> Engine:
+    accepted_options(name)  # an unknown name is refused with the list of known ones
     return ENGINES[name](artifact, **options)
 
 
-@register("tensorrt")
-def _tensorrt(artifact: Artifact, **options: object) -> Engine:
-    from patchline.runtime.tensorrt_engine import TensorRtEngine
-
-    return TensorRtEngine(artifact, **options)
+# The module imports TensorRT and pycuda only when an engine is made.
+register("tensorrt")(TensorRtEngine)
 
 
 ORT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -119,7 +124,7 @@ class OnnxRuntimeEngine:
         if graph_optimization not in GRAPH_OPTIMIZATION:
             raise ValueError(f"graph_optimization {graph_optimization!r}: one of {', '.join(GRAPH_OPTIMIZATION)}")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or available_cores()
         path = artifact.file(model_file or artifact.manifest.model.file)
         if not path.is_file():
             raise ArtifactError(f"{path}: no such model file in the artifact")

@@ -10,7 +10,7 @@ import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.bank_index import SEARCH_DIMS, read_index
-from patchline.runtime.engine import create_engine
+from patchline.runtime.engine import accepted_options, create_engine
 from patchline.runtime.score import MemoryBank, anomaly_map, image_score
 
 
@@ -43,20 +43,33 @@ class Inspector:
         precision: str = "fp32",
         approximate: bool = False,
         search_dims: int = SEARCH_DIMS,
+        threads: int | None = None,
+        model_file: str | None = None,
         **engine_options: object,
     ) -> None:
         if distance not in DISTANCES:
             raise ValueError(f"distance {distance!r}: expected one of {', '.join(DISTANCES)}")
+        accepted = accepted_options(engine)
+        if precision != "fp32" and "model_file" not in accepted:
+            raise ValueError(f"precision {precision} runs the artifact's quantised ONNX model on the onnxruntime "
+                             f"engine, not on {engine!r}; for TensorRT keep precision fp32 and set "
+                             f"tensorrt.precision: {precision}")
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
-        self.precision = precision
         # An explicit model file (the benchmark's NAME@FILE variants) wins over the precision's.
-        self.model_file = str(engine_options.get("model_file") or self.artifact.model_file(precision))
+        self.model_file = str(model_file or self.artifact.model_file(precision))
         if self.model_file != manifest.model.file:  # engines run the manifest's fp32 model unless told another file
+            if "model_file" not in accepted:
+                raise ValueError(f"model file {self.model_file} runs on the onnxruntime engine; engine {engine!r} "
+                                 f"runs {manifest.model.file}")
             engine_options["model_file"] = self.model_file
+        if threads is not None and "threads" in accepted:  # CPU threads: an engine without them ignores it
+            engine_options["threads"] = threads
         self.engine = create_engine(engine, self.artifact, **engine_options)
-        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, engine_options.get("threads"))
+        self.checksum = self.artifact.checksum(self.model_file)  # the identity verdicts carry
+        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads,
+                               str(self.artifact.folder))
         self.gpu_bank = None
         if distance != "cpu":
             from patchline.runtime.gpu_distance import GpuNearest

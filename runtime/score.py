@@ -6,6 +6,8 @@ Formulas follow anomalib's PatchcoreModel (export/torch_baseline.py is the torch
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -31,18 +33,25 @@ class MemoryBank:
         dims: int = SEARCH_DIMS,
         approximate: bool = False,
         threads: int | None = None,
+        source: str | None = None,
     ) -> None:
+        """``source`` names the artifact in errors."""
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
         self.sq_norms = squared_norms(self.rows)
         index = index or BankIndex()
         self.threads = threads
         self.knn = index.knn
         self.search = None
+        where = f"{source}: " if source else ""
         if index.basis is not None:
+            if not 1 <= dims <= index.basis.shape[1]:
+                raise ValueError(f"{where}search dims {dims}: the bank projection has {index.basis.shape[1]} "
+                                 f"directions; choose 1 to {index.basis.shape[1]}")
             basis = index.basis[:, :dims]
             self.search = ProjectedSearch(self.rows, self.sq_norms, index.mean, basis, approximate, threads)
         elif approximate:
-            raise ValueError("the approximate search needs the bank projection, which this artifact lacks")
+            raise ValueError(f"{where}the approximate search needs the bank projection, which this artifact lacks; "
+                             f"add it with `patchline index {source or 'ARTIFACT'}`")
 
     def __len__(self) -> int:
         return self.rows.shape[0]
@@ -83,13 +92,19 @@ def image_score(bank: MemoryBank, patches: np.ndarray, dist: np.ndarray, idx: np
     return reweight(bank, patches[top], float(dist[top]), int(idx[top]), num_neighbors), top
 
 
-def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Patch scores nearest-upsampled to ``size`` (H, W), then Gaussian-blurred with σ=4."""
-    h, w = patch_scores.shape
-    height, width = size
+@functools.lru_cache(maxsize=16)
+def _nearest_indices(h: int, w: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source row and column of each output pixel, read-only: the same for every frame of one grid and size."""
     # torch's 'nearest' picks floor(dst · in/out); index arrays reproduce it exactly for any ratio.
     rows = np.minimum((np.arange(height) * (h / height)).astype(np.int64), h - 1)
     cols = np.minimum((np.arange(width) * (w / width)).astype(np.int64), w - 1)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
+
+
+def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Patch scores nearest-upsampled to ``size`` (H, W), then Gaussian-blurred with σ=4."""
+    rows, cols = _nearest_indices(*patch_scores.shape, *size)
     upsampled = np.ascontiguousarray(patch_scores[np.ix_(rows, cols)], dtype=np.float32)
     # torch's 'reflect' padding does not repeat the edge pixel: OpenCV's BORDER_REFLECT_101.
     return cv2.GaussianBlur(upsampled, (MAP_KERNEL, MAP_KERNEL), MAP_SIGMA, MAP_SIGMA, cv2.BORDER_REFLECT_101)

@@ -38,19 +38,16 @@ class TensorRtEngine:
         artifact: Artifact,
         device: str = "cuda",
         settings: TensorRtConfig | None = None,
-        calibrator: object | None = None,
-        threads: int | None = None,
         warm_up: bool = True,
     ) -> None:
         from patchline.runtime.cuda_device import CudaDevice
         from patchline.runtime.trt_build import prepare_engine, tensorrt_module
 
-        del threads  # ONNX Runtime's CPU thread count; TensorRT has nothing to size with it
         self.device = CudaDevice("cuda" if device == "auto" else device)
         trt = tensorrt_module()
         import pycuda.driver as cuda  # importable now that CudaDevice found the driver
 
-        self.engine_file, self.built = prepare_engine(artifact, settings or TensorRtConfig(), self.device, calibrator)
+        self.engine_file, self.built = prepare_engine(artifact, settings or TensorRtConfig(), self.device)
         manifest = artifact.manifest
         self.input_name, self.output_name = manifest.preprocess.input_name, manifest.model.output_name
         with self.device.active():
@@ -64,7 +61,7 @@ class TensorRtEngine:
             low, _, high = (tuple(shape) for shape in self._engine.get_tensor_profile_shape(self.input_name, 0))
             self.min_batch, self.max_batch, self.input_shape = low[0], high[0], high[1:]
             self.context = self._engine.create_execution_context()
-            self.context.set_input_shape(self.input_name, high)
+            self._set_input_shape(high)
             out_shape = tuple(self.context.get_tensor_shape(self.output_name))
             self._host_in = cuda.pagelocked_empty(high, trt.nptype(self._engine.get_tensor_dtype(self.input_name)))
             self._host_out = cuda.pagelocked_empty(out_shape, trt.nptype(self._engine.get_tensor_dtype(self.output_name)))
@@ -98,9 +95,16 @@ class TensorRtEngine:
         with self.device.active():
             np.copyto(host_in, batch, casting="same_kind")
             cuda.memcpy_htod_async(self._device_in, host_in, self.stream)
-            self.context.set_input_shape(self.input_name, batch.shape)
+            self._set_input_shape(batch.shape)
             if not self.context.execute_async_v3(self.stream.handle):
                 raise EngineError(f"{self.engine_file}: TensorRT failed to run a batch of {n} (its log above says why)")
             cuda.memcpy_dtoh_async(host_out, self._device_out, self.stream)
             self.stream.synchronize()
         return host_out.astype(np.float32)  # a copy: the pinned buffer is reused by the next call
+
+    def _set_input_shape(self, shape: tuple[int, ...]) -> None:
+        # TensorRT answers False, with only a logged error, for a shape outside the profile.
+        if not self.context.set_input_shape(self.input_name, tuple(shape)):
+            raise EngineError(f"{self.engine_file}: TensorRT refused input shape {tuple(shape)} for "
+                              f"{self.input_name!r}; the engine's profile 0 takes ({self.min_batch}..{self.max_batch}, "
+                              f"{', '.join(map(str, self.input_shape))})")

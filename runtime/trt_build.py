@@ -34,11 +34,12 @@ def engine_key(artifact: Artifact, settings: TensorRtConfig, tensorrt_version: s
     calibration = None
     if settings.precision == "int8":
         if not settings.calibration_cache:
-            raise EngineError("an INT8 engine needs tensorrt.calibration_cache: the calibration cache that "
-                              "patchline's INT8 calibration writes")
+            raise EngineError("an INT8 engine needs tensorrt.calibration_cache: the file that "
+                              "`patchline engine --calibrate IMAGES` writes")
         path = Path(settings.calibration_cache)
         if not path.is_file():
-            raise EngineError(f"{path}: INT8 calibration cache does not exist; run the INT8 calibration first")
+            raise EngineError(f"{path}: INT8 calibration cache does not exist; calibrate from images first with "
+                              "`patchline engine --calibrate IMAGES` (tensorrt_calibrator.calibrate_engine)")
         calibration = sha256_file(path)
     return EngineKey(
         onnx_sha256=artifact.manifest.sha256[artifact.manifest.model.file],
@@ -101,14 +102,16 @@ def _set_precision(trt, config, profile, settings: TensorRtConfig, calibrator: o
         config.set_calibration_profile(profile)
 
 
-def build_plan(onnx_path: Path, input_name: str, chw: tuple[int, int, int], settings: TensorRtConfig,
+def build_plan(onnx_path: Path, onnx_sha256: str, input_name: str, chw: tuple[int, int, int], settings: TensorRtConfig,
                work_dir: Path, calibrator: object | None = None) -> tuple[bytes, dict[str, object]]:
-    """Serialised engine for ``onnx_path`` (input ``input_name`` of shape (N, *chw)) and facts about the build."""
+    """Serialised engine for ``onnx_path`` (input ``input_name`` of shape (N, *chw)) and facts about the build.
+
+    ``onnx_sha256`` is the file's checksum from the manifest (checked when the artifact was loaded)."""
     trt = tensorrt_module()
     started = time.perf_counter()
     source = onnx_path
     if settings.precision == "fp16" and not weakly_typed(trt):
-        source = work_dir / f"{sha256_file(onnx_path)[:16]}_fp16.onnx"
+        source = work_dir / f"{onnx_sha256[:16]}_fp16.onnx"
         if not source.is_file():
             convert_to_fp16(onnx_path, source)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -146,20 +149,25 @@ def prepare_engine(artifact: Artifact, settings: TensorRtConfig, device: object,
     """The cached engine for ``artifact`` on ``device`` (a CudaDevice), built now if missing or stale.
 
     Returns its path and whether it was built. With ``settings.build`` false a missing or stale
-    engine raises EngineError saying why.
+    engine raises EngineError saying why. An INT8 ``calibrator`` (calibration/tensorrt_calibrator.py)
+    builds now: the calibration cache it writes during the build is part of the engine's key.
     """
     trt = tensorrt_module()
     cache_dir = cache_directory(settings.cache_dir)
-    key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
     manifest = artifact.manifest
     work_dir = cache_dir / f"sm{device.compute_capability.replace('.', '')}"
     work_dir.mkdir(exist_ok=True)
 
     def make_plan() -> tuple[bytes, dict[str, object]]:
         with device.active():
-            plan, info = build_plan(artifact.model_path, manifest.preprocess.input_name,
-                                    (3, *manifest.preprocess.input_size), settings, work_dir, calibrator)
+            plan, info = build_plan(artifact.model_path, manifest.sha256[manifest.model.file],
+                                    manifest.preprocess.input_name, (3, *manifest.preprocess.input_size), settings,
+                                    work_dir, calibrator)
         return plan, {**info, "gpu": device.name, "model_id": manifest.model_id}
 
-    return ensure_engine(cache_dir, key, settings.build, make_plan)
-
+    if calibrator is None:
+        key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
+        return ensure_engine(cache_dir, key, settings.build, make_plan)
+    built = make_plan()
+    key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
+    return ensure_engine(cache_dir, key, True, lambda: built)

@@ -2,10 +2,12 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 
 from patchline.runtime.artifact import ArtifactError, load_artifact, read_manifest, write_manifest
 from patchline.runtime.engine import create_engine
+from patchline.runtime.inspector import Inspector
 
 
 @pytest.fixture()
@@ -25,7 +27,34 @@ def test_valid_artifact_loads(artifact):
     loaded = load_artifact(artifact)
     assert loaded.bank.shape == tuple(loaded.manifest.memory_bank.shape)
     assert loaded.bank.dtype == np.float32
-    assert len(loaded.checksum) == 64
+    assert len(loaded.checksum()) == 64
+
+
+def test_checksum_names_the_model_file_that_runs_and_ignores_added_files(artifact):
+    before = load_artifact(artifact).checksum()
+    (artifact / "notes.txt").write_text("added after export")
+    model = onnx.load(str(artifact / "model.onnx"))
+    model.doc_string = "another model file"
+    onnx.save(model, str(artifact / "model.int8.onnx"))
+    manifest = read_manifest(artifact)
+    write_manifest(artifact, manifest.model_copy(update={"extra_files": {"notes": "notes.txt",
+                                                                          "int8_model": "model.int8.onnx"}}))
+    loaded = load_artifact(artifact)
+    assert loaded.checksum() == loaded.checksum("model.onnx") == before
+    assert loaded.checksum("model.int8.onnx") != before
+    with pytest.raises(ArtifactError, match="other.onnx is not a file the manifest checksums"):
+        loaded.checksum("other.onnx")
+    assert Inspector(loaded, device="cpu", precision="int8").checksum == loaded.checksum("model.int8.onnx")
+
+
+def test_write_manifest_replaces_the_file_whole(artifact):
+    """A reader that opened the manifest before a rewrite still reads the complete old one, never a truncated file."""
+    manifest = read_manifest(artifact)
+    with open(artifact / "manifest.json") as reader:
+        write_manifest(artifact, manifest.model_copy(update={"model_id": "rewritten"}))
+        assert json.loads(reader.read())["model_id"] == manifest.model_id
+    assert read_manifest(artifact).model_id == "rewritten"
+    assert sorted(p.name for p in artifact.iterdir() if "manifest" in p.name) == ["manifest.json"]
 
 
 def test_missing_folder_and_manifest(tmp_path):

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -44,3 +47,30 @@ def test_nearest_rejects_k_larger_than_bank():
     with pytest.raises(ValueError, match="bank size"):
         nearest(np.zeros((1, 4), np.float32), np.zeros((3, 4), np.float32), k=4)
 
+
+
+def test_search_workers_follow_cpu_affinity_not_the_machine():
+    """A service pinned to one core (taskset, systemd CPUAffinity) gets one search worker and one ORT thread."""
+    code = ("import os\n"
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "from patchline.runtime import distance\n"
+            "print(distance.available_cores(), distance._WORKERS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]
+
+
+def test_searches_hold_blas_to_one_thread_then_restore_it_with_one_controller():
+    from threadpoolctl import threadpool_info
+
+    from patchline.runtime import distance
+
+    def blas_threads(_chunk=None):
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    during = distance.in_row_chunks(blas_threads, np.zeros((8, 4), np.float32), threads=2)
+    controller = distance._blas_controller
+    distance.in_row_chunks(blas_threads, np.zeros((8, 4), np.float32))
+    assert all(threads == [1] * len(before) for threads in during)
+    assert blas_threads() == before
+    assert controller is not None and distance._blas_controller is controller

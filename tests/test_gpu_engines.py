@@ -17,7 +17,7 @@ import pytest
 from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import TensorRtConfig
 from patchline.runtime.cuda_device import GpuUnavailable, gpu_unavailable_reason
-from patchline.runtime.engine import OnnxRuntimeEngine, create_engine, onnxruntime_providers
+from patchline.runtime.engine import OnnxRuntimeEngine, accepted_options, create_engine, onnxruntime_providers
 from patchline.runtime.engine_cache import EngineError
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.preprocess import list_images, read_image
@@ -88,6 +88,22 @@ def test_gpu_parts_without_a_gpu_say_what_is_missing(small_artifact) -> None:
     for command in (["engine", "--artifact", str(small_artifact)], ["bench-gpu", "--artifact", str(small_artifact)]):
         with pytest.raises(SystemExit, match="patchline: (pycuda|the CUDA driver|CUDA device)"):
             main(command)
+
+
+def test_tensorrt_engine_refuses_onnxruntime_model_files_and_gets_only_its_options(small_artifact) -> None:
+    """The INT8 ONNX model runs on ONNX Runtime only: asking TensorRT for it is a config error, found before any GPU use."""
+    with pytest.raises(ValueError, match="for TensorRT keep precision fp32 and set tensorrt.precision: int8"):
+        Inspector(small_artifact, engine="tensorrt", precision="int8", threads=2)
+    with pytest.raises(ValueError, match="model file other.onnx runs on the onnxruntime engine"):
+        Inspector(small_artifact, engine="tensorrt", model_file="other.onnx")
+    assert "threads" not in accepted_options("tensorrt") and "model_file" in accepted_options("onnxruntime")
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="a GPU is present")
+def test_tensorrt_inspector_with_cpu_threads_fails_only_on_the_missing_gpu(small_artifact) -> None:
+    """The daemon passes threads= whatever the engine; TensorRT must not see it (a TypeError restart-loops the service)."""
+    with pytest.raises((GpuUnavailable, EngineError)):
+        Inspector(small_artifact, engine="tensorrt", threads=2)
 
 
 def test_gpu_libraries_are_imported_lazily() -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from patchline.calibration.quantize import CalibrationBatches, calibration_images, ort_reader
 from patchline.runtime.artifact import load_artifact
+from patchline.runtime.config import TensorRtConfig
 from patchline.runtime.preprocess import list_images, read_image
 
 
@@ -53,31 +54,27 @@ def test_ort_reader_feeds_batches_by_input_name_and_rewinds(small_artifact, samp
     np.testing.assert_array_equal(reader.get_next()[manifest.preprocess.input_name], first[0][manifest.preprocess.input_name])
 
 
-def test_tensorrt_calibrator_builds_an_int8_engine_and_writes_its_cache(small_artifact, sample_data, tmp_path):
-    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU boxes only: pip install 'patchline[gpu]')")
-    try:
-        import pycuda.autoinit  # noqa: F401
-    except Exception as exc:  # ImportError, or pycuda's error when there is no CUDA device
-        pytest.skip(f"pycuda/CUDA not usable here: {exc}")
-    from patchline.calibration.tensorrt_calibrator import artifact_calibrator, cache_path
+def test_tensorrt_calibration_builds_an_int8_engine_and_writes_its_cache(small_artifact, sample_data, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU boxes only: pip install 'patchline[gpu]')")
+    from patchline.runtime.cuda_device import gpu_unavailable_reason
 
-    artifact = load_artifact(small_artifact)
-    engine_path = tmp_path / "model.plan"
-    calibrator = artifact_calibrator(small_artifact, sample_data, engine_path, batch_size=2, limit=8)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(artifact.model_path.read_bytes()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.INT8)
-    config.int8_calibrator = calibrator
-    height, width = artifact.manifest.preprocess.image_size
-    profile = builder.create_optimization_profile()
-    shape = (2, 3, height, width)
-    profile.set_shape(artifact.manifest.preprocess.input_name, (1, 3, height, width), shape, shape)
-    config.add_optimization_profile(profile)
-    config.set_calibration_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None
-    assert cache_path(engine_path).stat().st_size > 0
+    if reason := gpu_unavailable_reason():
+        pytest.skip(f"no GPU here: {reason}")
+    from patchline.calibration.tensorrt_calibrator import calibrate_engine
+    from patchline.runtime.tensorrt_engine import TensorRtEngine
+
+    cache = tmp_path / "int8.calib"
+    settings = TensorRtConfig(precision="int8", batch_profile=(1, 2, 4), cache_dir=str(tmp_path / "engines"),
+                              calibration_cache=str(cache))
+    path, built = calibrate_engine(small_artifact, sample_data, settings, limit=8)
+    assert built and path.is_file() and cache.stat().st_size > 0
+    engine = TensorRtEngine(load_artifact(small_artifact), settings=settings, warm_up=False)
+    assert engine.engine_file == path and not engine.built  # the engine key found the calibrated engine
+
+
+def test_tensorrt_calibration_needs_int8_and_a_cache_file(small_artifact, sample_data):
+    from patchline.calibration.tensorrt_calibrator import calibrate_engine
+
+    for settings in (TensorRtConfig(precision="fp16"), TensorRtConfig(precision="int8")):
+        with pytest.raises(ValueError, match="tensorrt.precision: int8 with tensorrt.calibration_cache set"):
+            calibrate_engine(small_artifact, sample_data, settings)

@@ -1,6 +1,7 @@
 """The projected (pruned) nearest-row search is exact; the k-NN graph reweighting equals the bank-wide one;
 artifacts without the index still load and score."""
 
+import re
 import shutil
 
 import numpy as np
@@ -107,6 +108,16 @@ def test_small_artifact_has_the_index_and_its_search_is_exact(small_artifact, re
     assert_exact(dist[:, 0], index[:, 0], artifact.bank, real_patches)
 
 
+def test_search_dims_beyond_the_projection_are_refused(small_artifact):
+    artifact = load_artifact(small_artifact)
+    index = read_index(artifact)
+    directions = index.basis.shape[1]
+    assert MemoryBank(artifact.bank, index, dims=directions).search.dims == directions
+    for dims in (0, directions + 1):
+        with pytest.raises(ValueError, match=f"search dims {dims}: the bank projection has {directions} directions"):
+            MemoryBank(artifact.bank, index, dims=dims)
+
+
 def test_knn_graph_reweighting_equals_bank_wide(small_artifact, real_patches):
     artifact = load_artifact(small_artifact)
     index = read_index(artifact)
@@ -134,6 +145,8 @@ def test_artifact_without_index_still_scores_and_can_be_indexed(small_artifact, 
     images = [read_image(p) for p in list_images(sample_data / "test")[::3]]
     plain = Inspector(old, device="cpu")
     assert plain.bank.search is None and plain.bank.knn is None
+    with pytest.raises(ValueError, match=re.escape(f"add it with `patchline index {old}`")):
+        Inspector(old, device="cpu", approximate=True)
     indexed = Inspector(small_artifact, device="cpu")
     for rgb in images:
         got, want = plain.inspect(rgb), indexed.inspect(rgb)
