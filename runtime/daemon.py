@@ -175,7 +175,7 @@ class Daemon:
         verdict = make_verdict(
             camera=self.config.camera, seq=seq, timestamp=frame.captured, frame_age_s=done - frame.monotonic,
             decision=decision, location=(x + self.roi_offset[0], y + self.roi_offset[1]), latency_ms=latency,
-            model_id=self.artifact.manifest.model_id, artifact_checksum=self.artifact.checksum,
+            model_id=self.artifact.manifest.model_id, artifact_checksum=self.inspector.checksum,
             part_id=trigger.part_id if trigger else None, evidence=evidence,
         )
         self.sink.publish_verdict(verdict, trigger)

@@ -6,7 +6,7 @@ Contract (the daemon builds one verdict per inspected frame)::
     verdict = make_verdict(camera=camera, seq=seq.next(), timestamp=capture_wall_time,
                            frame_age_s=age, decision=decide(...), location=inspection.location,
                            latency_ms={**inspection.timings_ms, "decode": ...}, model_id=manifest.model_id,
-                           artifact_checksum=artifact.checksum, part_id=trigger.part_id, evidence=path)
+                           artifact_checksum=inspector.checksum, part_id=trigger.part_id, evidence=path)
     sink.publish_verdict(verdict, trigger)
 
 The payload's JSON Schema ships next to this module as ``verdict.schema.json`` (``SCHEMA_PATH``);
