@@ -80,13 +80,14 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
     print(f"results written to {path}", file=sys.stderr)
 
 
-def _expand(paths: list[Path]) -> list[Path]:
+def _expand(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(image, its path relative to the argument it came from): names outputs uniquely below a folder."""
     found = []
     for path in paths:
         if path.is_dir():
-            found.extend(list_images(path))
+            found.extend((image, image.relative_to(path)) for image in list_images(path))
         elif path.suffix.lower() in IMAGE_SUFFIXES or path.exists():
-            found.append(path)
+            found.append((path, Path(path.name)))
         else:
             raise SystemExit(f"patchline: {path}: no such image or folder")
     return found
@@ -101,7 +102,7 @@ def cmd_score(args: argparse.Namespace) -> None:
                           threads=args.threads, precision=args.precision)
     inspector.warm_up()
     failures = 0
-    for path in _expand(args.images):
+    for path, relative in _expand(args.images):
         try:
             rgb = read_image(path)
         except ImageError as exc:
@@ -116,7 +117,8 @@ def cmd_score(args: argparse.Namespace) -> None:
             "latency_ms": result.timings_ms,
         }
         if args.heatmap_dir:
-            out = Path(args.heatmap_dir) / f"{path.stem}_heatmap.png"
+            # good/000.png and crack/000.png must not overwrite each other: keep the subfolders
+            out = Path(args.heatmap_dir) / relative.with_name(f"{relative.stem}_heatmap.png")
             write_rgb(out, heatmap_overlay(rgb, result.anomaly_map))
             line["heatmap"] = str(out)
         print(json.dumps(line), flush=True)

@@ -48,6 +48,10 @@ def test_score_prints_json_lines_and_writes_heatmaps(cli_artifact, sample_data, 
         x, y = line["max_patch_xy"]
         assert 0 <= x < 128 and 0 <= y < 128
         assert Path(line["heatmap"]).is_file()
+    # every class folder has a 000.png: one heatmap per image, named by its place below the argument
+    maps = tmp_path / "maps"
+    assert len({line["heatmap"] for line in lines}) == len(lines) == len(list(maps.rglob("*_heatmap.png")))
+    assert (maps / "good" / "000_heatmap.png").is_file() and (maps / "spot" / "000_heatmap.png").is_file()
     good = [l["score"] for l in lines if "/good/" in l["path"]]
     bad = [l["score"] for l in lines if "/good/" not in l["path"]]
     assert np.mean(bad) > np.mean(good)
