@@ -89,8 +89,7 @@ def compare_precisions(fp32: ScoreSet, int8: ScoreSet, calibration: Calibration 
         "int8_scores": [float(s) for s in int8.scores],
     }
     if calibration is not None:
-        span = max(calibration.score_max - calibration.score_min, 1e-12)
-        result["score_drift"]["max_normalised"] = float(drift.max() / span)
+        result["score_drift"]["max_normalised"] = float(drift.max() / calibration.span)
         result["verdict_changes"] = sum(decide(float(a), calibration).verdict != decide(float(b), calibration).verdict
                                         for a, b in zip(fp32.scores, int8.scores))
     return result
