@@ -35,23 +35,20 @@ from patchline.runtime.artifact import (
 from patchline.runtime.bank_index import build_index, write_index
 from patchline.runtime.config import Config
 from patchline.runtime.decision import Calibration
-from patchline.runtime.preprocess import ImageError, Preprocessor, list_images, read_image
+from patchline.runtime.preprocess import ImageError, Preprocessor, iter_images, list_images, training_root
 
 log = logging.getLogger("patchline.export")
 
 
 def load_good_images(folder: str | Path) -> tuple[list[np.ndarray], list[str]]:
     """Readable images of the folder (or an MVTec category's train/good), and 'path: reason' for each one skipped."""
-    root = Path(folder)
-    if (root / "train" / "good").is_dir():  # an MVTec-AD category folder
-        root = root / "train" / "good"
     images, skipped = [], []
-    for path in list_images(root):
-        try:
-            images.append(read_image(path))
-        except ImageError as exc:
-            skipped.append(str(exc))
-            log.warning("skipped %s", exc)
+    for _, rgb in iter_images(list_images(training_root(folder))):
+        if isinstance(rgb, ImageError):
+            skipped.append(str(rgb))
+            log.warning("skipped %s", rgb)
+        else:
+            images.append(rgb)
     return images, skipped
 
 

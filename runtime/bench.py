@@ -35,7 +35,7 @@ import numpy as np
 from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.bank_index import SEARCH_DIMS, BankIndex, build_index, read_index
 from patchline.runtime.inspector import Inspection, Inspector
-from patchline.runtime.preprocess import list_images, to_rgb8
+from patchline.runtime.preprocess import evaluation_root, list_images, to_rgb8
 from patchline.runtime.score import MemoryBank
 
 STAGES = ("decode", "preprocess", "backbone", "distance", "reweight", "map", "publish")
@@ -142,8 +142,7 @@ def _frames(options: BenchOptions, size: tuple[int, int]) -> list[bytes]:
         images = [rng.integers(0, 256, (*size, 3), np.uint8) for _ in range(4)]
         encoded = [cv2.imencode(".png", image)[1].tobytes() for image in images]
     else:
-        root = options.images / "test" if (options.images / "test").is_dir() else options.images
-        paths = list_images(root)
+        paths = list_images(evaluation_root(options.images))
         if not paths:
             raise FileNotFoundError(f"{options.images}: no images to benchmark with")
         step = max(1, len(paths) // options.frames)  # spread over the classes of a sorted test set

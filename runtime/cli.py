@@ -15,7 +15,7 @@ from pathlib import Path
 from patchline.runtime.artifact import ArtifactError
 from patchline.runtime.config import ConfigError
 from patchline.runtime.cuda_device import GpuUnavailable
-from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, list_images
+from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images, list_images
 
 log = logging.getLogger("patchline")
 
@@ -96,18 +96,16 @@ def _expand(paths: list[Path]) -> list[tuple[Path, Path]]:
 def cmd_score(args: argparse.Namespace) -> None:
     from patchline.runtime.inspector import Inspector
     from patchline.runtime.overlay import heatmap_overlay, write_rgb
-    from patchline.runtime.preprocess import read_image
 
     inspector = Inspector(args.artifact, engine=args.engine, distance=args.distance, device=args.device,
                           threads=args.threads, precision=args.precision)
     inspector.warm_up()
     failures = 0
-    for path, relative in _expand(args.images):
-        try:
-            rgb = read_image(path)
-        except ImageError as exc:
+    images = _expand(args.images)
+    for (path, relative), (_, rgb) in zip(images, iter_images(path for path, _ in images)):
+        if isinstance(rgb, ImageError):
             failures += 1
-            print(json.dumps({"path": str(path), "error": exc.reason}), flush=True)
+            print(json.dumps({"path": str(path), "error": rgb.reason}), flush=True)
             continue
         result = inspector.inspect(rgb)
         line = {

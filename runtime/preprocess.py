@@ -6,6 +6,7 @@ runtime sees the same pixels for the same file.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,37 @@ class ImageError(ValueError):
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files below ``folder`` (recursive), sorted."""
+    """Image files below ``folder`` (recursive), sorted; dot-files (macOS ``._x.png`` metadata) left out."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def is_mvtec_category(folder: str | Path) -> bool:
+    """An MVTec-AD category folder: one with ``test/<class>/`` (and usually ``train/good``)."""
+    return (Path(folder) / "test").is_dir()
+
+
+def training_root(folder: str | Path) -> Path:
+    """Where the good training images are: an MVTec category's ``train/good``, else the folder itself."""
+    good = Path(folder) / "train" / "good"
+    return good if good.is_dir() else Path(folder)
+
+
+def evaluation_root(folder: str | Path) -> Path:
+    """Where the test images (all classes) are: an MVTec category's ``test/``, else the folder itself."""
+    return Path(folder) / "test" if is_mvtec_category(folder) else Path(folder)
+
+
+def iter_images(paths: Iterable[Path]) -> Iterator[tuple[Path, np.ndarray | ImageError]]:
+    """(path, RGB uint8) for each readable image, (path, ImageError) for each unusable one: the caller counts them."""
+    for path in paths:
+        try:
+            yield path, read_image(path)
+        except ImageError as exc:
+            yield path, exc
 
 
 def _truncated_jpeg(data: bytes) -> bool:
