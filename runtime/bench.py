@@ -35,7 +35,7 @@ import numpy as np
 from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.bank_index import SEARCH_DIMS, BankIndex, build_index, read_index
 from patchline.runtime.inspector import Inspection, Inspector
-from patchline.runtime.preprocess import evaluation_root, list_images, to_rgb8
+from patchline.runtime.preprocess import decode_image, evaluation_root, list_images
 from patchline.runtime.score import MemoryBank
 
 STAGES = ("decode", "preprocess", "backbone", "distance", "reweight", "map", "publish")
@@ -135,26 +135,20 @@ def _replace_bank(artifact: Artifact, options: BenchOptions) -> np.ndarray:
     return bank[np.sort(rng.choice(bank.shape[0], size, replace=False))] if size < bank.shape[0] else bank
 
 
-def _frames(options: BenchOptions, size: tuple[int, int]) -> list[bytes]:
-    """PNG-encoded frames, so every variant pays the same decode."""
+Frame = tuple[str, bytes]  # where the frame came from (for errors) and its encoded bytes
+
+
+def _frames(options: BenchOptions, size: tuple[int, int]) -> list[Frame]:
+    """Encoded frames, so every variant pays the same decode."""
     if options.images is None:
         rng = np.random.default_rng(options.seed)
         images = [rng.integers(0, 256, (*size, 3), np.uint8) for _ in range(4)]
-        encoded = [cv2.imencode(".png", image)[1].tobytes() for image in images]
-    else:
-        paths = list_images(evaluation_root(options.images))
-        if not paths:
-            raise FileNotFoundError(f"{options.images}: no images to benchmark with")
-        step = max(1, len(paths) // options.frames)  # spread over the classes of a sorted test set
-        encoded = [p.read_bytes() for p in paths[::step][: options.frames]]
-    return encoded
-
-
-def decode(data: bytes) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError("benchmark frame does not decode")
-    return to_rgb8(image)
+        return [(f"<noise frame {i}>", cv2.imencode(".png", image)[1].tobytes()) for i, image in enumerate(images)]
+    paths = list_images(evaluation_root(options.images))
+    if not paths:
+        raise FileNotFoundError(f"{options.images}: no images to benchmark with")
+    step = max(1, len(paths) // options.frames)  # spread over the classes of a sorted test set
+    return [(str(p), p.read_bytes()) for p in paths[::step][: options.frames]]
 
 
 class Publisher:
@@ -205,9 +199,9 @@ def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, 
     return variants
 
 
-def _run_frame(variant: Variant, data: bytes, publisher: Publisher | None, record: bool) -> np.ndarray:
+def _run_frame(variant: Variant, frame: Frame, publisher: Publisher | None, record: bool) -> np.ndarray:
     t0 = time.perf_counter()
-    rgb = decode(data)
+    rgb = decode_image(frame[1], frame[0])
     decode_ms = (time.perf_counter() - t0) * 1000.0
     result = variant.inspector.inspect(rgb)
     publish_ms = publisher(result) if publisher else None
@@ -351,7 +345,7 @@ def run_bench(options: BenchOptions) -> dict:
     return results
 
 
-def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames: list[bytes], ours: Variant) -> dict:
+def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames: list[Frame], ours: Variant) -> dict:
     """The eager-torch baseline and ``ours`` again on the same frames, taking turns: per-stage times and the ratio.
 
     Each side runs COMPARE_TURN frames in a row, so that neither pays on every frame for the
@@ -364,18 +358,18 @@ def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames
     baseline = TorchPatchcore(artifact, bank, options.baseline_weights, options.threads)
     preprocess = ours.inspector.preprocess
 
-    def torch_frame(data: bytes) -> tuple[float, dict[str, float]]:
+    def torch_frame(frame: Frame) -> tuple[float, dict[str, float]]:
         t0 = time.perf_counter()
-        rgb = decode(data)
+        rgb = decode_image(frame[1], frame[0])
         t1 = time.perf_counter()
         batch = preprocess([rgb])
         t2 = time.perf_counter()
         scores, _, times = baseline.forward(batch)
         return float(scores[0]), {"decode": (t1 - t0) * 1000.0, "preprocess": (t2 - t1) * 1000.0, **times}
 
-    def our_frame(data: bytes) -> tuple[float, float]:
+    def our_frame(frame: Frame) -> tuple[float, float]:
         t0 = time.perf_counter()
-        rgb = decode(data)
+        rgb = decode_image(frame[1], frame[0])
         decode_ms = (time.perf_counter() - t0) * 1000.0
         result = ours.inspector.inspect(rgb)
         return result.score, decode_ms + result.timings_ms["total"]
@@ -388,12 +382,12 @@ def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames
     score_diff = []
     for start in range(0, options.frames, COMPARE_TURN):
         turn = [frames[i % len(frames)] for i in range(start, min(start + COMPARE_TURN, options.frames))]
-        theirs = [torch_frame(data) for data in turn]
-        for (their_score, times), data in zip(theirs, turn):
+        theirs = [torch_frame(frame) for frame in turn]
+        for (their_score, times), frame in zip(theirs, turn):
             for stage, value in times.items():
                 stages[stage].append(value)
             stages["total"].append(sum(times.values()))
-            score, total = our_frame(data)
+            score, total = our_frame(frame)
             mine.append(total)
             score_diff.append(abs(their_score - score) / max(abs(their_score), 1e-12))
     ratio = float(np.median(stages["total"]) / np.median(mine))

@@ -81,20 +81,25 @@ def to_rgb8(image: np.ndarray, source: str | Path = "<frame>") -> np.ndarray:
     raise ImageError(source, f"unsupported image shape {image.shape}")
 
 
+def decode_image(data: bytes, source: str | Path) -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG …) to RGB uint8, or raise ImageError naming ``source`` and the problem."""
+    if not data:
+        raise ImageError(source, "empty file")
+    if _truncated_jpeg(data):
+        raise ImageError(source, "truncated JPEG (no end-of-image marker)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise ImageError(source, "not a decodable image (corrupt or truncated)")
+    return to_rgb8(image, source)
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8, or raise ImageError naming the file and the problem."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(path, f"cannot read: {exc.strerror}") from exc
-    if not data:
-        raise ImageError(path, "empty file")
-    if _truncated_jpeg(data):
-        raise ImageError(path, "truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        raise ImageError(path, "not a decodable image (corrupt or truncated)")
-    return to_rgb8(image, path)
+    return decode_image(data, path)
 
 
 def _antialias_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:

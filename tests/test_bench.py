@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from patchline.runtime.bench import STAGES
 from patchline.runtime.cli import main
 
@@ -40,3 +42,12 @@ def test_bench_with_random_bank_of_given_size(small_artifact, tmp_path, capsys):
     results = json.loads(next(out.glob("*.json")).read_text())
     assert results["artifact"]["bank_rows"] == 517 and results["artifact"]["bank"] == "random"
     assert "not measured" in capsys.readouterr().out  # publish without a broker
+
+
+def test_bench_names_a_frame_that_does_not_decode(small_artifact, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(SystemExit, match=r"broken\.png: not a decodable image"):
+        main(["bench", "--artifact", str(small_artifact), "--images", str(frames), "--frames", "1", "--warmup", "1",
+              "--out", str(tmp_path / "results")])
