@@ -6,7 +6,10 @@ runtime, the machine's sgemm rate, and — with ``compare`` — the eager-torch 
 (export/torch_baseline.py, imported only then). Variants run interleaved, frame by
 frame, so load from other processes spreads over all of them alike; the baseline takes
 turns of a few frames with the default variant. Results go to
-``bench/results/<date>-<host>.json`` and a table on stdout.
+``bench/results/cpu-<host>-<UTC time>.json`` and a table on stdout.
+
+``summarise``, ``machine_facts`` and ``write_result`` are shared by every benchmark here
+(bench_gpu, bench/*.py, calibration's INT8 comparison).
 
 Variant names: ``plain`` (no bank index: the blocked GEMM search and a bank-wide search
 for the reweighting, as an artifact exported without the index gets), ``projected``
@@ -27,6 +30,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 import cv2
@@ -73,8 +77,39 @@ class Variant:
     scores: list[float] = field(default_factory=list)
 
 
-def summarise(values: list[float]) -> dict[str, float]:
-    return {"median_ms": round(float(np.median(values)), 3), "p95_ms": round(float(np.percentile(values, 95)), 3)}
+def summarise(values_ms: list[float] | np.ndarray, percentiles: tuple[int, ...] = (50, 95), digits: int = 3,
+              unit: str = "_ms") -> dict[str, float]:
+    """Latency statistics: the percentiles (50 is ``median``, others ``pNN``), mean, min, max, and the count ``n``.
+
+    Keys end in ``unit`` (milliseconds; "" where the caller's context names the unit).
+    """
+    values = np.asarray(values_ms, np.float64)
+    if values.size == 0:
+        raise ValueError("no latencies to summarise: nothing was measured")
+    stats = {("median" if q == 50 else f"p{q}") + unit: round(float(np.percentile(values, q)), digits)
+             for q in percentiles}
+    stats.update({f"mean{unit}": round(float(values.mean()), digits), f"min{unit}": round(float(values.min()), digits),
+                  f"max{unit}": round(float(values.max()), digits), "n": int(values.size)})
+    return stats
+
+
+def machine_facts() -> dict[str, object]:
+    """The machine a benchmark ran on: host, CPU model, the cores this process may use, Python and numpy."""
+    return {"host": socket.gethostname(), "cpu_model": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "numpy": np.__version__}
+
+
+def write_result(name: str, data: dict, out_dir: str | Path) -> Path:
+    """Write a benchmark's result to ``out_dir/<name>-<host>-<UTC time>.json`` with the time and ``machine_facts()``
+    (which a ``machine`` entry of ``data`` extends)."""
+    now = datetime.now(timezone.utc)
+    record = {"created": now.isoformat(timespec="seconds"), **data,
+              "machine": {**machine_facts(), **data.get("machine", {})}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{socket.gethostname()}-{now:%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def sgemm_gflops(repeats: int = 5) -> tuple[float, str]:
@@ -249,7 +284,7 @@ def _accuracy(variants: list[Variant], data: Path) -> dict[str, dict[str, float]
 
 def run_bench(options: BenchOptions) -> dict:
     """Run the benchmark, write its JSON and return it."""
-    load_before = list(np.round(_loadavg(), 2))
+    load_before = list(np.round(os.getloadavg(), 2))
     artifact = load_artifact(options.artifact)
     manifest = artifact.manifest
     bank = _replace_bank(artifact, options)
@@ -285,17 +320,7 @@ def run_bench(options: BenchOptions) -> dict:
         "reweight": 2.0 * rows * dim / rate / 1e6,  # one bank-wide search for m*'s neighbours
     }
     results = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_model": _cpu_model(),
-            "cores": _cores(),
-            "load_avg_before": load_before,
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "onnxruntime": _version("onnxruntime"),
-        },
+        "machine": {**machine_facts(), "load_avg_before": load_before, "onnxruntime": version("onnxruntime")},
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
         "artifact": {
             "model_id": manifest.model_id,
@@ -337,11 +362,8 @@ def run_bench(options: BenchOptions) -> dict:
         results["baseline"] = _compare(options, artifact, bank, frames, _reference(variants))
     if options.accuracy:
         results["accuracy"] = _accuracy(variants, options.accuracy)
-    results["machine"]["load_avg_after"] = list(np.round(_loadavg(), 2))
-    options.out_dir.mkdir(parents=True, exist_ok=True)
-    path = options.out_dir / f"{datetime.now().strftime('%Y-%m-%d')}-{socket.gethostname()}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    results["path"] = str(path)
+    results["machine"]["load_avg_after"] = list(np.round(os.getloadavg(), 2))
+    results["path"] = str(write_result("cpu", results, options.out_dir))
     return results
 
 
@@ -407,14 +429,6 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _loadavg() -> tuple[float, float, float]:
-    return os.getloadavg()
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -423,12 +437,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 def format_table(results: dict) -> str:

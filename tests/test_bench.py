@@ -1,10 +1,11 @@
 """`patchline bench` runs once on the small artifact and writes a well-formed results file (no timing asserted)."""
 
 import json
+import os
 
 import pytest
 
-from patchline.runtime.bench import STAGES
+from patchline.runtime.bench import STAGES, summarise, write_result
 from patchline.runtime.cli import main
 
 
@@ -51,3 +52,16 @@ def test_bench_names_a_frame_that_does_not_decode(small_artifact, tmp_path):
     with pytest.raises(SystemExit, match=r"broken\.png: not a decodable image"):
         main(["bench", "--artifact", str(small_artifact), "--images", str(frames), "--frames", "1", "--warmup", "1",
               "--out", str(tmp_path / "results")])
+
+
+def test_summarise_and_write_result(tmp_path):
+    stats = summarise([4.0, 1.0, 3.0, 2.0], (50, 90))
+    assert stats == {"median_ms": 2.5, "p90_ms": 3.7, "mean_ms": 2.5, "min_ms": 1.0, "max_ms": 4.0, "n": 4}
+    assert summarise([1.0], unit="") == {"median": 1.0, "p95": 1.0, "mean": 1.0, "min": 1.0, "max": 1.0, "n": 1}
+    with pytest.raises(ValueError, match="nothing was measured"):
+        summarise([])
+    path = write_result("unit", {"value": 1, "machine": {"load": 0.5}}, tmp_path / "out")
+    written = json.loads(path.read_text())
+    assert path.name.startswith(f"unit-{written['machine']['host']}-") and written["value"] == 1
+    assert written["machine"]["load"] == 0.5 and written["machine"]["cores"] == len(os.sched_getaffinity(0))
+    assert written["machine"]["cpu_model"] and written["created"]
