@@ -54,7 +54,8 @@ class BenchOptions:
     frames: int = 30
     warmup: int = 3
     threads: int | None = None
-    variants: list[str] = field(default_factory=lambda: ["exact"])
+    variants: list[str] = field(default_factory=lambda: ["exact"])  # NAME[:DIMS][@MODEL_FILE] (parse_variant)
+    model_file: str | None = None  # model file of the artifact for every variant that names none
     dims: int = SEARCH_DIMS
     bank_size: int | None = None  # subsample the artifact's bank to this many rows
     random_bank: bool = False  # Gaussian rows with the bank's per-dimension mean/std instead of its rows
@@ -67,10 +68,31 @@ class BenchOptions:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class VariantSpec:
+    """A ``NAME[:DIMS][@MODEL_FILE]`` variant: the bank search, its projected dims, another model file."""
+
+    search: str
+    dims: int | None = None
+    model_file: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.search + (f":{self.dims}" if self.dims else "") + (f"@{self.model_file}" if self.model_file else "")
+
+
+def parse_variant(spec: str, model_file: str | None = None) -> VariantSpec:
+    """Parse ``NAME[:DIMS][@MODEL_FILE]``; ``model_file`` is used where the spec names none."""
+    search, _, own_file = spec.partition("@")
+    search, _, dims = search.partition(":")
+    if search not in SEARCHES or (dims and not dims.isdigit()) or dims == "0" or (own_file == "" and "@" in spec):
+        raise ValueError(f"unknown bench variant {spec!r}; searches: {', '.join(SEARCHES)} (NAME[:DIMS][@MODEL_FILE])")
+    return VariantSpec(search, int(dims) if dims else None, own_file or model_file)
+
+
 @dataclass
 class Variant:
     name: str
-    search: str
     model_file: str | None
     inspector: Inspector
     timings: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in (*STAGES, "total")})
@@ -213,12 +235,8 @@ class Publisher:
 def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, index: BankIndex) -> list[Variant]:
     inspectors: dict[str | None, Inspector] = {}
     variants = []
-    for spec in options.variants:
-        search, _, model_file = spec.partition("@")
-        search, _, dims = search.partition(":")
-        if search not in SEARCHES or (dims and not dims.isdigit()):
-            raise ValueError(f"unknown bench variant {spec!r}; searches: {', '.join(SEARCHES)} (NAME[:DIMS][@MODEL_FILE])")
-        key = model_file or None
+    for spec in (parse_variant(v, options.model_file) for v in options.variants):
+        search, key = spec.search, spec.model_file
         if key not in inspectors:
             inspectors[key] = Inspector(artifact, device="cpu", threads=options.threads, model_file=key,
                                         graph_optimization=options.graph_optimization)
@@ -229,8 +247,8 @@ def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, 
             index.knn if search in ("exact", "approximate") else None,
         )
         own = copy.copy(inspector)  # same engine and preprocessing, its own bank search
-        own.bank = MemoryBank(bank, variant_index, int(dims or options.dims), search == "approximate", options.threads)
-        variants.append(Variant(spec, search, key, own))
+        own.bank = MemoryBank(bank, variant_index, spec.dims or options.dims, search == "approximate", options.threads)
+        variants.append(Variant(spec.name, key, own))
     return variants
 
 
@@ -291,7 +309,7 @@ def run_bench(options: BenchOptions) -> dict:
     t0 = time.perf_counter()
     index = read_index(artifact) if bank is artifact.bank else build_index(bank, manifest.num_neighbors)
     index_s = time.perf_counter() - t0
-    if any(v.split("@")[0] != "plain" for v in options.variants) and index.basis is None:
+    if any(parse_variant(v).search != "plain" for v in options.variants) and index.basis is None:
         raise ValueError(f"{options.artifact}: no bank projection in the artifact; only the 'plain' variant can run "
                          "(re-export, or `patchline index` it)")
     variants = _make_variants(options, artifact, bank, index)

@@ -246,10 +246,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from patchline.runtime.bank_index import SEARCH_DIMS
     from patchline.runtime.bench import BenchOptions, format_table, run_bench
 
-    variants = [v if "@" in v or not args.model_file else f"{v}@{args.model_file}" for v in args.variants.split(",") if v]
     options = BenchOptions(
         artifact=args.artifact, images=args.images, frames=args.frames, warmup=args.warmup, threads=args.threads,
-        variants=variants, dims=args.dims or SEARCH_DIMS, bank_size=args.bank_size,
+        variants=[v for v in args.variants.split(",") if v], model_file=args.model_file, dims=args.dims or SEARCH_DIMS, bank_size=args.bank_size,
         random_bank=args.random_bank, graph_optimization=args.graph_opt, compare=args.compare,
         baseline_weights=args.baseline_weights, publish=args.publish, accuracy=args.accuracy, out_dir=args.out,
     )

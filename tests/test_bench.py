@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
-from patchline.runtime.bench import STAGES, summarise, write_result
+from patchline.runtime.bench import STAGES, VariantSpec, parse_variant, summarise, write_result
 from patchline.runtime.cli import main
+from tests.test_search import strip_index
 
 
 def test_bench_writes_results_and_table(small_artifact, sample_data, mosquitto, tmp_path, capsys):
@@ -65,3 +67,25 @@ def test_summarise_and_write_result(tmp_path):
     assert path.name.startswith(f"unit-{written['machine']['host']}-") and written["value"] == 1
     assert written["machine"]["load"] == 0.5 and written["machine"]["cores"] == len(os.sched_getaffinity(0))
     assert written["machine"]["cpu_model"] and written["created"]
+
+
+def test_variant_specs():
+    assert parse_variant("plain:32") == VariantSpec("plain", 32, None)
+    assert parse_variant("exact@model.int8.onnx").name == "exact@model.int8.onnx"
+    assert parse_variant("approximate:16", "model.int8.onnx") == VariantSpec("approximate", 16, "model.int8.onnx")
+    assert parse_variant("exact@other.onnx", "model.int8.onnx").model_file == "other.onnx"
+    for bad in ("fast", "exact:x", "exact:0", "exact@"):
+        with pytest.raises(ValueError, match="unknown bench variant"):
+            parse_variant(bad)
+
+
+def test_plain_variant_with_dims_runs_on_an_artifact_without_index(small_artifact, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(small_artifact, old)
+    strip_index(old)
+    main(["bench", "--artifact", str(old), "--frames", "1", "--warmup", "0", "--variants", "plain:32",
+          "--out", str(tmp_path / "results")])
+    assert "plain:32" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no bank projection"):
+        main(["bench", "--artifact", str(old), "--frames", "1", "--variants", "plain,exact:32",
+              "--out", str(tmp_path / "results")])
