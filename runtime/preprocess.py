@@ -6,6 +6,7 @@ runtime sees the same pixels for the same file.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,10 @@ def read_image(path: str | Path) -> np.ndarray:
     return decode_image(data, path)
 
 
+@functools.lru_cache(maxsize=32)
 def _antialias_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices and weights (size_out, taps) of torch's antialiased bilinear (PIL's triangle filter).
+    """Source indices and weights (size_out, taps) of torch's antialiased bilinear (PIL's triangle filter),
+    cached per size pair (a camera's frames all have one size) and read-only for that reason.
 
     A port of ATen's _compute_indices_min_size_weights_aa for float32 input: downscaling widens the
     filter to the scale, and each output pixel's window is clipped to the image and renormalised.
@@ -127,7 +130,10 @@ def _antialias_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndar
     for tap in taps:  # summed in order, in float32, as ATen does
         total += weights[:, tap]
     weights = np.divide(weights, total[:, None], out=weights, where=total[:, None] != 0)
-    return np.minimum(first[:, None] + taps, size_in - 1), weights
+    index = np.minimum(first[:, None] + taps, size_in - 1)
+    index.setflags(write=False)
+    weights.setflags(write=False)
+    return index, weights
 
 
 def antialias_resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -182,13 +188,17 @@ class Preprocessor:
             return antialias_resize(rgb, self.image_size)
         return cv2.resize(rgb, (width, height), interpolation=RESIZE_METHODS[self.resize])
 
+    @functools.cached_property
+    def _normalisation(self) -> tuple[np.float32, np.ndarray, np.ndarray]:
+        return np.float32(1.0 / 255.0), np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         """RGB uint8 images of any size → float32 array (N, 3, H, W)."""
-        scale = np.float32(1.0 / 255.0)
-        mean = np.asarray(self.mean, np.float32)
-        std = np.asarray(self.std, np.float32)
+        scale, mean, std = self._normalisation
         top, left, height, width = self.crop_box()
         batch = np.stack([self.resize_image(img)[top : top + height, left : left + width] for img in images])
-        batch = batch.astype(np.float32)
-        batch = (batch * scale - mean) / std
+        batch = batch.astype(np.float32, copy=False)  # np.stack made a new array: safe to work in place
+        batch *= scale
+        batch -= mean
+        batch /= std
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))

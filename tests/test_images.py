@@ -5,6 +5,7 @@ import pytest
 from patchline.export.fit import load_good_images
 from patchline.runtime.preprocess import (
     ImageError,
+    Preprocessor,
     evaluation_root,
     iter_images,
     list_images,
@@ -89,3 +90,15 @@ def test_layout_roots(sample_data, odd_folder):
     assert evaluation_root(sample_data) == sample_data / "test"
     folder, _ = odd_folder
     assert training_root(folder) == folder and evaluation_root(folder) == folder
+
+
+@pytest.mark.parametrize("resize", ["area", "bilinear", "antialias"])
+def test_preprocessing_works_in_place_on_its_own_copy_only(resize):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (50, 70, 3), np.uint8)
+    before = image.copy()
+    preprocess = Preprocessor((32, 32), resize, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    first, second = preprocess([image]), preprocess([image])
+    np.testing.assert_array_equal(image, before)
+    np.testing.assert_array_equal(first, second)
+    assert first.dtype == np.float32 and first.shape == (1, 3, 32, 32) and first.flags.c_contiguous
