@@ -204,10 +204,20 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
 
 def cmd_backbones(args: argparse.Namespace) -> None:
     try:
-        from patchline.export.catalogue import CATALOGUE, extractable_layers, parameter_count
+        from patchline.export.catalogue import CATALOGUE, Entry, extractable_layers, parameter_count, resolve
     except ModuleNotFoundError as exc:
         raise _missing_extra(exc, "export") from exc
-    if args.name:
+
+    def row(entry: Entry) -> str:
+        if not entry.supported:
+            return f"{entry.name:<20} {'unsupported':<12} {entry.note}"
+        params = f"{parameter_count(entry) / 1e6:.1f}M"
+        return (f"{entry.name:<20} {entry.source:<12} {entry.model:<50} {', '.join(entry.layers):<42} {params:>8}"
+                + (f"  ({entry.note})" if entry.note else ""))
+
+    if args.layers and not args.name:
+        raise SystemExit("patchline: backbones --layers needs a NAME")
+    if args.name and args.layers:
         size = (args.image_size, args.image_size)
         layers = extractable_layers(args.name, size)
         print(f"{args.name} at {size[0]}x{size[1]}: layers (any deeper module path works too)")
@@ -215,14 +225,10 @@ def cmd_backbones(args: argparse.Namespace) -> None:
         for name, layout in layers.items():
             print(f"{name:<28} {layout.channels:>8} {layout.grid[0]:>4}x{layout.grid[1]:<4}  {layout.kind}")
         return
+    entries = [CATALOGUE.get(args.name) or resolve(args.name)] if args.name else CATALOGUE.values()
     print(f"{'name':<20} {'source':<12} {'model':<50} {'default layers':<42} {'params':>8}")
-    for entry in CATALOGUE.values():
-        if not entry.supported:
-            print(f"{entry.name:<20} {'unsupported':<12} {entry.note}")
-            continue
-        params = f"{parameter_count(entry) / 1e6:.1f}M"
-        print(f"{entry.name:<20} {entry.source:<12} {entry.model:<50} {', '.join(entry.layers):<42} {params:>8}"
-              + (f"  ({entry.note})" if entry.note else ""))
+    for entry in entries:
+        print(row(entry))
 
 
 def cmd_import_anomalib(args: argparse.Namespace) -> None:
@@ -390,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample_data)
 
-    p = sub.add_parser("backbones", help="list PatchCore's backbone catalogue, or one backbone's layers")
-    p.add_argument("name", nargs="?", help="a catalogue or timm name: list its extractable layers")
-    p.add_argument("--layers", action="store_true", help="list NAME's layers (the default when NAME is given)")
+    p = sub.add_parser("backbones", help="list PatchCore's backbone catalogue, one backbone, or its layers")
+    p.add_argument("name", nargs="?", help="a catalogue or timm name: show its entry (with --layers: its layers)")
+    p.add_argument("--layers", action="store_true", help="list NAME's extractable layers with channels and grid")
     p.add_argument("--image-size", type=int, default=224, help="input size for the layers' grids (default 224)")
     p.set_defaults(func=cmd_backbones)
 
