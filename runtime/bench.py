@@ -252,7 +252,7 @@ def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, 
     return variants
 
 
-def _run_frame(variant: Variant, frame: Frame, publisher: Publisher | None, record: bool) -> np.ndarray:
+def _run_frame(variant: Variant, frame: Frame, publisher: Publisher | None, record: bool) -> None:
     t0 = time.perf_counter()
     rgb = decode_image(frame[1], frame[0])
     decode_ms = (time.perf_counter() - t0) * 1000.0
@@ -265,7 +265,6 @@ def _run_frame(variant: Variant, frame: Frame, publisher: Publisher | None, reco
                 variant.timings[stage].append(stages[stage])
         variant.timings["total"].append(decode_ms + result.timings_ms["total"] + (publish_ms or 0.0))
         variant.scores.append(result.score)
-    return rgb
 
 
 def _reference(variants: list[Variant]) -> Variant:
