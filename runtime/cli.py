@@ -12,9 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
-from patchline.runtime.artifact import ArtifactError
-from patchline.runtime.config import ConfigError
+from patchline.runtime.artifact import PRECISIONS, ArtifactError
+from patchline.runtime.config import ConfigError, TensorRtConfig
 from patchline.runtime.cuda_device import GpuUnavailable
+from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
+from patchline.runtime.inspector import DISTANCES
 from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images, list_images
 
 log = logging.getLogger("patchline")
@@ -47,7 +49,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     }))
 
 
-def _prepare_engine(artifact_dir: Path, settings, device: str) -> dict[str, object]:  # noqa: ANN001 - TensorRtConfig
+def _prepare_engine(artifact_dir: Path, settings: TensorRtConfig, device: str) -> dict[str, object]:
     """Build (or check) the TensorRT engine for an artifact on this machine's GPU."""
     from patchline.runtime.artifact import load_artifact
     from patchline.runtime.cuda_device import CudaDevice
@@ -338,14 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("eval", cmd_eval, "score an MVTec-layout test set and report AUROC")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--artifact", type=Path, required=True)
-        p.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+        p.add_argument("--device", choices=ORT_DEVICES, default="auto",
                        help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider)")
         p.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                        help="tensorrt: the cached TensorRT engine, built on first use (needs the 'gpu' extra)")
-        p.add_argument("--distance", choices=["cpu", "cuda", "cuda-fp16"], default="cpu",
+        p.add_argument("--distance", choices=DISTANCES, default="cpu",
                        help="where patches meet the memory bank: numpy, or the CUDA kernel")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-        p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="run the fp32 model or its INT8 quantisation (patchline quantize)")
         p.set_defaults(func=func)
         if name == "score":
@@ -372,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, help="… times this margin (default 1.1)")
     p.add_argument("--min-good", type=int, help="refuse with fewer good validation images (default 10)")
     p.add_argument("--min-defective", type=int, help="refuse with fewer defect images, with --defects (default 5)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="the model the line will run")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the model the line will run")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.set_defaults(func=cmd_calibrate)
@@ -421,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=int, default=None, help="projected dimensions of the bound search")
     p.add_argument("--bank-size", type=int, help="subsample the bank to this many rows (or size of --random-bank)")
     p.add_argument("--random-bank", action="store_true", help="Gaussian bank rows with the bank's mean/std")
-    p.add_argument("--graph-opt", choices=["disable", "basic", "extended", "all"], default="all",
+    p.add_argument("--graph-opt", choices=list(GRAPH_OPTIMIZATION), default="all",
                    help="ONNX Runtime graph optimisation level")
     p.add_argument("--compare", action="store_true", help="also run the eager-torch baseline (needs the export extra)")
     p.add_argument("--baseline-weights", help="weights file for the baseline when the manifest's cannot be rebuilt")
@@ -449,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ConfigError, ArtifactError, ImageError, FileNotFoundError, ValueError, GpuUnavailable) as exc:
+        log.debug("%s failed", args.command, exc_info=True)  # the traceback, with -v
         raise SystemExit(f"patchline: {exc}") from None
 
 

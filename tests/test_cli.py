@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -126,3 +127,14 @@ def test_non_editable_install_imports_and_runs(tmp_path, cli_artifact, sample_da
     assert "score" in json.loads(result.stdout)
     assert (site / "patchline" / "runtime" / "cli.py").is_file()
     assert os.path.isdir(site / "patchline" / "export") and os.path.isdir(site / "patchline" / "calibration")
+
+
+def test_verbose_refusal_logs_the_traceback(tmp_path, caplog):
+    from patchline.runtime.artifact import ArtifactError
+    from patchline.runtime.cli import main
+
+    caplog.set_level(logging.DEBUG, logger="patchline")
+    with pytest.raises(SystemExit, match="missing manifest.json"):
+        main(["-v", "score", "--artifact", str(tmp_path), str(tmp_path / "x.png")])
+    failed = [r for r in caplog.records if r.getMessage() == "score failed"]
+    assert len(failed) == 1 and failed[0].exc_info[0] is ArtifactError
