@@ -15,11 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from patchline.runtime.artifact import INT8_KEY, INT8_MODEL_FILE, load_artifact, now_iso, write_manifest
 from patchline.runtime.preprocess import ImageError, Preprocessor, evaluation_root, iter_images, list_images, training_root
+
+if TYPE_CHECKING:
+    from onnxruntime.quantization import CalibrationDataReader
 
 log = logging.getLogger("patchline.calibration")
 
@@ -93,7 +97,7 @@ class CalibrationBatches:
             yield self.preprocess(chunk)
 
 
-def ort_reader(batches: CalibrationBatches, input_name: str):
+def ort_reader(batches: CalibrationBatches, input_name: str) -> CalibrationDataReader:
     """An onnxruntime CalibrationDataReader over ``batches`` (built here: the import needs onnx)."""
     from onnxruntime.quantization import CalibrationDataReader
 
