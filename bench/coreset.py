@@ -2,14 +2,13 @@
 
     python bench/coreset.py [--rows 204800] [--dims 1536] [--ratio 0.1]
 
-Writes bench/results/coreset-<host>.json.
+Writes bench/results/coreset-<host>-<UTC time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import time
 from pathlib import Path
@@ -17,6 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from patchline.export.coreset import greedy_coreset
+from patchline.runtime.bench import write_result
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -25,14 +27,13 @@ def main() -> None:
     parser.add_argument("--dims", type=int, default=1536)
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--projection-dim", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     rows = np.random.default_rng(0).standard_normal((args.rows, args.dims), dtype=np.float32)
     start = time.perf_counter()
     selected = greedy_coreset(rows, args.ratio, args.projection_dim, progress=True)
     seconds = time.perf_counter() - start
     result = {
-        "host": platform.node(),
-        "cpu_count": __import__("os").cpu_count(),
         "rows": args.rows,
         "dims": args.dims,
         "ratio": args.ratio,
@@ -41,10 +42,9 @@ def main() -> None:
         "seconds": round(seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    out = Path("bench/results") / f"coreset-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result("coreset", result, args.out)
     print(json.dumps(result))
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

@@ -16,38 +16,29 @@ Per frame it records:
 - ``overhead`` = read + preprocess + post, next to ``model`` = backbone + distance + score;
 - ``decode_only_ms``: a second pass that only reads frames: the decoder + conversion rate alone.
 
-Writes bench/results/daemon-overhead-<host>.json.
+Writes bench/results/daemon-overhead-<host>-<UTC time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from patchline.runtime.artifact import read_manifest  # noqa: E402
+from patchline.runtime.bench import summarise, write_result  # noqa: E402
 from patchline.runtime.config import RunConfig  # noqa: E402
 from patchline.runtime.daemon import Daemon  # noqa: E402
 from patchline.runtime.demo import write_video  # noqa: E402
 from patchline.runtime.sources import EndOfStream, open_source  # noqa: E402
 from tests.broker import Mosquitto  # noqa: E402
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values)
-    return {"mean": round(float(array.mean()), 3), "p50": round(float(np.percentile(array, 50)), 3),
-            "p99": round(float(np.percentile(array, 99)), 3)}
 
 
 def scaled_video(video: Path, out: Path, size: tuple[int, int]) -> Path:
@@ -77,6 +68,7 @@ def measure(cfg: RunConfig, frames: int) -> dict:
     daemon.start()
     assert daemon.sink.wait_connected(10), "bench: no broker connection"
     rows = []
+    frame_size = None
     clock = time.perf_counter
     try:
         while len(rows) < frames + 1:
@@ -88,6 +80,7 @@ def measure(cfg: RunConfig, frames: int) -> dict:
             t1 = clock()
             if frame is None:
                 continue
+            frame_size = list(frame.image.shape[1::-1])
             verdict = daemon.process(frame)
             t2 = clock()
             lat = verdict["latency_ms"]
@@ -109,9 +102,11 @@ def measure(cfg: RunConfig, frames: int) -> dict:
         pass
     elapsed = clock() - start
     rows = rows[1:]  # the first read includes starting the pipeline: once per run, not per frame
-    result = {key: stats([r[key] for r in rows]) for key in rows[0]}
+    if not rows:
+        raise SystemExit(f"bench: the video ended before a second frame was inspected ({cfg.source.pipeline})")
+    result = {key: summarise([r[key] for r in rows], (50, 99)) for key in rows[0]}
     result["frames"] = len(rows)
-    result["frame_size"] = list(frame.image.shape[1::-1])
+    result["frame_size"] = frame_size
     result["decode_only_ms"] = round(elapsed / max(count, 1) * 1000, 3)
     result["decode_only_frames"] = count
     return result
@@ -138,17 +133,15 @@ def main() -> None:
                        for name, path in videos.items()}
         finally:
             broker.stop()
-    report = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "artifact": read_manifest(artifact).model_id, "results": results}
-    out = ROOT / "bench" / "results" / f"daemon-overhead-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_result("daemon-overhead", {"artifact": read_manifest(artifact).model_id, "results": results},
+                       ROOT / "bench" / "results")
     print(f"{'video':<6} {'size':>10} {'frames':>6} {'read':>7} {'prep':>7} {'post':>7} {'overhead':>9} "
           f"{'p50':>7} {'p99':>7} {'model':>8} {'decode-only':>11}   (ms per frame; means unless p50/p99)")
     for name, r in results.items():
-        print(f"{name:<6} {'x'.join(map(str, r['frame_size'])):>10} {r['frames']:>6} {r['read']['mean']:7.2f} "
-              f"{r['preprocess']['mean']:7.2f} {r['post']['mean']:7.2f} {r['overhead']['mean']:9.2f} "
-              f"{r['overhead']['p50']:7.2f} {r['overhead']['p99']:7.2f} {r['model']['mean']:8.1f} {r['decode_only_ms']:11.2f}")
+        print(f"{name:<6} {'x'.join(map(str, r['frame_size'])):>10} {r['frames']:>6} {r['read']['mean_ms']:7.2f} "
+              f"{r['preprocess']['mean_ms']:7.2f} {r['post']['mean_ms']:7.2f} {r['overhead']['mean_ms']:9.2f} "
+              f"{r['overhead']['median_ms']:7.2f} {r['overhead']['p99_ms']:7.2f} {r['model']['mean_ms']:8.1f} "
+              f"{r['decode_only_ms']:11.2f}")
     print(f"written to {out}")
 
 

@@ -13,7 +13,7 @@ numbers are latency, not queueing:
   file system of the temporary folder.
 
 Both processes read CLOCK_MONOTONIC, which Linux shares between processes. Writes
-bench/results/mqtt-latency-<host>.json.
+bench/results/mqtt-latency-<host>-<UTC time>.json.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from patchline.runtime.bench import summarise, write_result  # noqa: E402
 from patchline.runtime.config import MqttConfig  # noqa: E402
 from patchline.runtime.mqtt import MqttSink, Topics  # noqa: E402
 from patchline.runtime.verdict import SeqCounter  # noqa: E402
@@ -71,13 +71,11 @@ def subscribe(port: int, topic: str, count: int) -> None:
 
 
 def percentiles(values_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(values_s) * 1000.0
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
-            "p99_ms": round(float(np.percentile(ms, 99)), 3), "max_ms": round(float(ms.max()), 3),
-            "mean_ms": round(float(ms.mean()), 3), "n": int(ms.size)}
+    """Seconds → the latency summary in milliseconds, at this benchmark's percentiles."""
+    return summarise(np.asarray(values_s) * 1000.0, (50, 90, 99))
 
 
-def measure(port: int, topic: str, count: int, rate: float, publish) -> tuple[dict, dict]:
+def measure(port: int, topic: str, count: int, rate: float, publish: Callable[[int], object]) -> tuple[dict, dict]:
     """Run one paced stream through ``publish(seq)``; latency and call-time statistics."""
     sub = subprocess.Popen([sys.executable, __file__, "--subscribe", str(port), topic, str(count)],
                            stdout=subprocess.PIPE, text=True)
@@ -151,15 +149,9 @@ def main() -> None:
             broker.stop()
 
     version = subprocess.run([broker.binary, "-h"], capture_output=True, text=True).stdout.splitlines()[0]
-    host = socket.gethostname()
     result = {
         "benchmark": "mqtt publish latency, loopback, QoS 1, publish -> subscriber receipt",
-        "host": host,
-        "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), platform.processor()),
-        "cores": os.cpu_count(),
         "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
-        "python": platform.python_version(),
         "paho_mqtt": paho_version,
         "broker": version,
         "count": args.count,
@@ -171,9 +163,7 @@ def main() -> None:
         "state_dir_filesystem": subprocess.run(["stat", "-f", "-c", "%T", tempfile.gettempdir()], capture_output=True,
                                                text=True).stdout.strip(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"mqtt-latency-{host}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result("mqtt-latency", result, args.out)
     print(json.dumps(result, indent=2))
     print(f"written to {path}")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from patchline.runtime.preprocess import list_images
+from patchline.runtime.preprocess import is_mvtec_category, list_images
 
 log = logging.getLogger("patchline.calibration")
 
@@ -32,10 +32,6 @@ class Sample:
     @property
     def label(self) -> int:
         return int(self.defect != GOOD)
-
-
-def is_mvtec_category(folder: Path) -> bool:
-    return (folder / "test").is_dir()
 
 
 def _class_folders(root: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from patchline.calibration.report import write_report
 from patchline.calibration.scoring import ScoreSet, score_samples
 from patchline.calibration.thresholds import confusion
 from patchline.runtime.artifact import INT8_KEY, load_artifact
+from patchline.runtime.bench import summarise
 from patchline.runtime.decision import Calibration, decide
 from patchline.runtime.inspector import Inspector
 
@@ -71,11 +72,6 @@ def evaluate(scores: ScoreSet, calibration: Calibration | None) -> dict:
     return report
 
 
-def latency_summary(latency_ms: np.ndarray) -> dict:
-    return {"median": float(np.median(latency_ms)), "p95": float(np.percentile(latency_ms, 95)),
-            "mean": float(np.mean(latency_ms)), "frames": int(len(latency_ms))}
-
-
 def compare_precisions(fp32: ScoreSet, int8: ScoreSet, calibration: Calibration | None) -> dict:
     """INT8 against fp32 on the same images: separation, score drift, verdict changes and per-frame latency."""
     if [s.path for s in fp32.samples] != [s.path for s in int8.samples]:
@@ -85,12 +81,11 @@ def compare_precisions(fp32: ScoreSet, int8: ScoreSet, calibration: Calibration 
         "image_auroc": {"fp32": image_auroc(fp32.labels, fp32.scores), "int8": image_auroc(int8.labels, int8.scores)},
         "score_drift": {"max_abs": float(drift.max()), "mean_abs": float(drift.mean()),
                         "max_relative": float((drift / np.maximum(np.abs(fp32.scores), 1e-12)).max())},
-        "latency_ms": {"fp32": latency_summary(fp32.latency_ms), "int8": latency_summary(int8.latency_ms)},
+        "latency_ms": {name: summarise(scored.latency_ms, unit="") for name, scored in (("fp32", fp32), ("int8", int8))},
         "int8_scores": [float(s) for s in int8.scores],
     }
     if calibration is not None:
-        span = max(calibration.score_max - calibration.score_min, 1e-12)
-        result["score_drift"]["max_normalised"] = float(drift.max() / span)
+        result["score_drift"]["max_normalised"] = float(drift.max() / calibration.span)
         result["verdict_changes"] = sum(decide(float(a), calibration).verdict != decide(float(b), calibration).verdict
                                         for a, b in zip(fp32.scores, int8.scores))
     return result

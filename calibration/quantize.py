@@ -15,11 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from patchline.runtime.artifact import INT8_KEY, INT8_MODEL_FILE, load_artifact, now_iso, write_manifest
-from patchline.runtime.preprocess import ImageError, Preprocessor, list_images, read_image
+from patchline.runtime.preprocess import ImageError, Preprocessor, evaluation_root, iter_images, list_images, training_root
+
+if TYPE_CHECKING:
+    from onnxruntime.quantization import CalibrationDataReader
 
 log = logging.getLogger("patchline.calibration")
 
@@ -50,11 +54,7 @@ def calibration_images(images_dir: str | Path, val_dir: str | Path | None = None
     defects reach activation ranges that good images alone under-estimate, and the INT8 model
     clips what lies outside the calibrated ranges, squashing exactly the scores that matter.
     """
-    images_dir = Path(images_dir)
-    roots = [images_dir / "train" / "good" if (images_dir / "train" / "good").is_dir() else images_dir]
-    if val_dir is not None:
-        val_dir = Path(val_dir)
-        roots.append(val_dir / "test" if (val_dir / "test").is_dir() else val_dir)
+    roots = [training_root(images_dir)] + ([evaluation_root(val_dir)] if val_dir is not None else [])
     paths = [path for root in roots for path in list_images(root)]
     if not paths:
         raise ValueError(f"{', '.join(map(str, roots))}: no images to calibrate the quantisation with")
@@ -79,12 +79,12 @@ class CalibrationBatches:
 
     def _images(self) -> Iterator[np.ndarray]:
         self.skipped = []
-        for path in self.paths:
-            try:
-                yield read_image(path)
-            except ImageError as exc:
-                self.skipped.append(str(exc))
-                log.warning("calibration: skipped %s", exc)
+        for _, rgb in iter_images(self.paths):
+            if isinstance(rgb, ImageError):
+                self.skipped.append(str(rgb))
+                log.warning("calibration: skipped %s", rgb)
+            else:
+                yield rgb
 
     def __iter__(self) -> Iterator[np.ndarray]:
         chunk: list[np.ndarray] = []
@@ -97,7 +97,7 @@ class CalibrationBatches:
             yield self.preprocess(chunk)
 
 
-def ort_reader(batches: CalibrationBatches, input_name: str):
+def ort_reader(batches: CalibrationBatches, input_name: str) -> CalibrationDataReader:
     """An onnxruntime CalibrationDataReader over ``batches`` (built here: the import needs onnx)."""
     from onnxruntime.quantization import CalibrationDataReader
 

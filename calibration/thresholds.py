@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
+from patchline.runtime.decision import rejected as is_rejected
+
 
 @dataclass(frozen=True)
 class Confusion:
@@ -26,7 +28,7 @@ class Confusion:
 
 def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Confusion:
     labels = np.asarray(labels, bool)
-    rejected = np.asarray(scores) > threshold
+    rejected = is_rejected(np.asarray(scores), threshold)
     return Confusion(
         true_ng=int((rejected & labels).sum()),
         false_ng=int((rejected & ~labels).sum()),

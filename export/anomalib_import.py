@@ -37,7 +37,6 @@ and its label (normalised score > 1 − sensitivity, 0.5 by default) is patchlin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import pickle
@@ -52,24 +51,10 @@ import torch
 
 from patchline.export.backbone import BackboneError, create_backbone, feature_layers, load_state
 from patchline.export.embedding import PatchEmbedding
-from patchline.export.fit import _tool_versions
-from patchline.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, verify_onnx
-from patchline.runtime.artifact import (
-    BANK_FILE,
-    MODEL_FILE,
-    SCHEMA_VERSION,
-    BackboneInfo,
-    BankInfo,
-    Manifest,
-    ModelInfo,
-    PreprocessInfo,
-    TrainingInfo,
-    now_iso,
-    sha256_file,
-    write_manifest,
-)
-from patchline.runtime.bank_index import build_index, write_index
-from patchline.runtime.config import IMAGENET_MEAN, IMAGENET_STD
+from patchline.export.fit import write_artifact
+from patchline.export.onnx_export import INPUT_NAME
+from patchline.runtime.artifact import BackboneInfo, Manifest, PreprocessInfo, TrainingInfo, sha256_file
+from patchline.runtime.config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig
 from patchline.runtime.decision import Calibration
 
 log = logging.getLogger("patchline.export")
@@ -321,7 +306,9 @@ def read_anomalib(path: str | Path) -> AnomalibPatchcore:
     )
 
 
-def import_anomalib(checkpoint: str | Path, out_dir: str | Path, opset: int = 17, tolerance: float = 1e-4) -> Manifest:
+def import_anomalib(
+    checkpoint: str | Path, out_dir: str | Path, opset: int = 17, tolerance: float = ExportConfig().tolerance
+) -> Manifest:
     """Write a verified patchline artifact for an anomalib PatchCore model."""
     checkpoint, out = Path(checkpoint), Path(out_dir)
     model = read_anomalib(checkpoint)
@@ -337,36 +324,27 @@ def import_anomalib(checkpoint: str | Path, out_dir: str | Path, opset: int = 17
     if bank.shape[1] != dim:
         raise AnomalibImportError(f"{checkpoint}: memory bank rows have {bank.shape[1]} dims, {model.layers} give {dim}")
     pre = PreprocessInfo(**model.preprocess, input_name=INPUT_NAME)
-    input_size = pre.input_size
     with torch.no_grad():
-        grid = tuple(module(torch.zeros(1, 3, *input_size)).shape[1:3])
+        grid = tuple(module(torch.zeros(1, 3, *pre.input_size)).shape[1:3])
 
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / BANK_FILE, bank)
-    extra_files = write_index(out, build_index(bank, model.num_neighbors))  # the runtime's default search
-    export_onnx(module, input_size, out / MODEL_FILE, opset)
-    diff = verify_onnx(module, out / MODEL_FILE, input_size, tolerance)
-    log.info("imported %s: bank %s, ONNX Runtime vs torch max abs diff %.3g", checkpoint.name, bank.shape, diff)
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION,
-        model_id=f"anomalib-{model.backbone}-{hashlib.sha256(bank.tobytes()).hexdigest()[:12]}",
-        created=now_iso(),
+    manifest = write_artifact(
+        out,
+        module,
+        bank,
+        id_prefix=f"anomalib-{model.backbone}",
         backbone=BackboneInfo(
             name=model.backbone, layers=model.layers, weights=f"anomalib {checkpoint.name} sha256:{digest}"
         ),
         preprocess=pre,
-        model=ModelInfo(
-            file=MODEL_FILE, output_name=OUTPUT_NAME, embedding_dim=dim, patch_grid=grid, opset=opset, onnx_max_abs_diff=diff
-        ),
-        # The rows before subsampling and the training images are not in anomalib's files: 0 = unknown.
-        memory_bank=BankInfo(
-            file=BANK_FILE, shape=bank.shape, dtype=str(bank.dtype), coreset_ratio=model.coreset_ratio, source_rows=0
-        ),
+        patch_grid=grid,
+        coreset_ratio=model.coreset_ratio,
+        source_rows=0,  # the rows before subsampling and the training images are not in anomalib's files: 0 = unknown
         num_neighbors=model.num_neighbors,
         training=TrainingInfo(images_used=0, images_skipped=0, skipped=[]),
-        tool_versions=_tool_versions(),
-        sha256={},
+        opset=opset,
+        tolerance=tolerance,
         calibration=model.calibration,
-        extra_files=extra_files,
     )
-    return write_manifest(out, manifest)
+    log.info("imported %s: bank %s, ONNX Runtime vs torch max abs diff %.3g",
+             checkpoint.name, bank.shape, manifest.model.onnx_max_abs_diff)
+    return manifest

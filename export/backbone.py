@@ -49,10 +49,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_weights(model: torch.nn.Module, path: Path) -> None:
-    load_state(model, read_state_dict(path), f"weights file {path}")
-
-
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load a full-model state dict into a (possibly truncated) model; ``origin`` names it in errors.
 
@@ -105,5 +101,5 @@ def build_with_weights(
     if weights == "random":
         return model, f"random (seed {seed})"
     path = Path(weights)
-    _load_weights(model, path)
+    load_state(model, read_state_dict(path), f"weights file {path}")
     return model, f"{path.name} sha256:{sha256_file(path)}"

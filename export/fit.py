@@ -9,7 +9,7 @@ import hashlib
 import logging
 import platform
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -34,23 +34,21 @@ from patchline.runtime.artifact import (
 )
 from patchline.runtime.bank_index import build_index, write_index
 from patchline.runtime.config import Config
-from patchline.runtime.preprocess import ImageError, Preprocessor, list_images, read_image
+from patchline.runtime.decision import Calibration
+from patchline.runtime.preprocess import ImageError, Preprocessor, iter_images, list_images, training_root
 
 log = logging.getLogger("patchline.export")
 
 
 def load_good_images(folder: str | Path) -> tuple[list[np.ndarray], list[str]]:
     """Readable images of the folder (or an MVTec category's train/good), and 'path: reason' for each one skipped."""
-    root = Path(folder)
-    if (root / "train" / "good").is_dir():  # an MVTec-AD category folder
-        root = root / "train" / "good"
     images, skipped = [], []
-    for path in list_images(root):
-        try:
-            images.append(read_image(path))
-        except ImageError as exc:
-            skipped.append(str(exc))
-            log.warning("skipped %s", exc)
+    for _, rgb in iter_images(list_images(training_root(folder))):
+        if isinstance(rgb, ImageError):
+            skipped.append(str(rgb))
+            log.warning("skipped %s", rgb)
+        else:
+            images.append(rgb)
     return images, skipped
 
 
@@ -74,88 +72,124 @@ def embed_images(
     return rows, grid
 
 
-def _tool_versions() -> dict[str, str]:
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools that built an artifact, for its manifest."""
     names = ("torch", "timm", "onnx", "onnxruntime", "numpy", "opencv-python-headless", "patchline")
     found = {}
     for name in names:
         try:
             found[name] = version(name)
-        except Exception:
+        except PackageNotFoundError:
             found[name] = "not installed"
     found["python"] = platform.python_version()
     return found
 
 
+def write_artifact(
+    out: Path,
+    module: torch.nn.Module,
+    bank: np.ndarray,
+    *,
+    id_prefix: str,
+    backbone: BackboneInfo,
+    preprocess: PreprocessInfo,
+    patch_grid: tuple[int, int],
+    coreset_ratio: float,
+    source_rows: int,
+    num_neighbors: int,
+    training: TrainingInfo,
+    opset: int,
+    tolerance: float,
+    calibration: Calibration | None = None,
+) -> Manifest:
+    """Save the bank and its search index, export the module to ONNX and verify it, and write the manifest.
+
+    The model id is ``id_prefix`` and the bank's digest; the index's build time joins ``training.timings_s``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    np.save(out / BANK_FILE, bank)
+    extra_files = write_index(out, build_index(bank, num_neighbors))
+    index_s = time.perf_counter() - start
+    log.info("bank index (projection, k-NN graph) in %.1f s", index_s)
+
+    input_size = preprocess.input_size
+    export_onnx(module, input_size, out / MODEL_FILE, opset)
+    diff = verify_onnx(module, out / MODEL_FILE, input_size, tolerance)
+    log.info("ONNX Runtime vs torch: max abs diff %.3g", diff)
+
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model_id=f"{id_prefix}-{hashlib.sha256(bank.tobytes()).hexdigest()[:12]}",
+        created=now_iso(),
+        backbone=backbone,
+        preprocess=preprocess,
+        model=ModelInfo(
+            file=MODEL_FILE,
+            output_name=OUTPUT_NAME,
+            embedding_dim=int(bank.shape[1]),
+            patch_grid=patch_grid,
+            opset=opset,
+            onnx_max_abs_diff=diff,
+        ),
+        memory_bank=BankInfo(
+            file=BANK_FILE, shape=bank.shape, dtype=str(bank.dtype), coreset_ratio=coreset_ratio, source_rows=source_rows
+        ),
+        num_neighbors=num_neighbors,
+        training=training.model_copy(update={"timings_s": {**training.timings_s, "bank_index": round(index_s, 3)}}),
+        tool_versions=tool_versions(),
+        sha256={},
+        calibration=calibration,
+        extra_files=extra_files,
+    )
+    return write_manifest(out, manifest)
+
+
 def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path, progress: bool = True) -> Manifest:
     """Fit on the good images in ``images_dir`` and write a verified artifact to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     images, skipped = load_good_images(images_dir)
     if not images:
         raise ValueError(f"{images_dir}: no usable images ({len(skipped)} skipped)")
     log.info("%d images used, %d skipped", len(images), len(skipped))
 
     pre = config.preprocess
-    preprocess = Preprocessor(pre.image_size, pre.resize, pre.mean, pre.std)
-    module, weights_source = build_from_config(config.model, pre.image_size)
+    info = PreprocessInfo(image_size=pre.image_size, resize=pre.resize, mean=pre.mean, std=pre.std, input_name=INPUT_NAME)
+    module, weights_source = build_from_config(config.model, info.input_size)
 
     t0 = time.perf_counter()
-    rows, grid = embed_images(module, preprocess, images, config.export.batch_size, progress)
+    rows, grid = embed_images(module, info.preprocessor(), images, config.export.batch_size, progress)
     t1 = time.perf_counter()
     log.info("embedded %d images into %d rows × %d dims in %.1f s", len(images), *rows.shape, t1 - t0)
     selected = greedy_coreset(rows, config.coreset.ratio, config.coreset.projection_dim, config.coreset.seed, progress)
     bank = np.ascontiguousarray(rows[np.sort(selected)])
     t2 = time.perf_counter()
     log.info("coreset: %d of %d rows in %.1f s", bank.shape[0], rows.shape[0], t2 - t1)
-    np.save(out / BANK_FILE, bank)
-    extra_files = write_index(out, build_index(bank, config.scoring.num_neighbors))
-    t3 = time.perf_counter()
-    log.info("bank index (projection, k-NN graph) in %.1f s", t3 - t2)
 
-    export_onnx(module, pre.image_size, out / MODEL_FILE, config.export.opset)
-    diff = verify_onnx(module, out / MODEL_FILE, pre.image_size, config.export.tolerance)
-    log.info("ONNX Runtime vs torch: max abs diff %.3g", diff)
-
-    model_id = hashlib.sha256(bank.tobytes()).hexdigest()[:12]
+    label = backbone_label(config.model)
     pretrain_dim, target_dim = config.model.embed_dimensions() or (None, None)
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION,
-        model_id=f"{backbone_label(config.model)}-{model_id}",
-        created=now_iso(),
+    return write_artifact(
+        Path(out_dir),
+        module,
+        bank,
+        id_prefix=label,
         backbone=BackboneInfo(
-            name=backbone_label(config.model),
+            name=label,
             layers=list(config.model.layers),
             weights=weights_source,
             pretrain_embed_dimension=pretrain_dim,
             target_embed_dimension=target_dim,
         ),
-        preprocess=PreprocessInfo(
-            image_size=pre.image_size, resize=pre.resize, mean=pre.mean, std=pre.std, input_name=INPUT_NAME
-        ),
-        model=ModelInfo(
-            file=MODEL_FILE,
-            output_name=OUTPUT_NAME,
-            embedding_dim=int(bank.shape[1]),
-            patch_grid=grid,
-            opset=config.export.opset,
-            onnx_max_abs_diff=diff,
-        ),
-        memory_bank=BankInfo(
-            file=BANK_FILE,
-            shape=bank.shape,
-            dtype=str(bank.dtype),
-            coreset_ratio=config.coreset.ratio,
-            source_rows=int(rows.shape[0]),
-        ),
+        preprocess=info,
+        patch_grid=grid,
+        coreset_ratio=config.coreset.ratio,
+        source_rows=int(rows.shape[0]),
         num_neighbors=config.scoring.num_neighbors,
         training=TrainingInfo(
             images_used=len(images),
             images_skipped=len(skipped),
             skipped=skipped,
-            timings_s={"embedding": round(t1 - t0, 3), "coreset": round(t2 - t1, 3), "bank_index": round(t3 - t2, 3)},
+            timings_s={"embedding": round(t1 - t0, 3), "coreset": round(t2 - t1, 3)},
         ),
-        tool_versions=_tool_versions(),
-        sha256={},
-        extra_files=extra_files,
+        opset=config.export.opset,
+        tolerance=config.export.tolerance,
     )
-    return write_manifest(out, manifest)

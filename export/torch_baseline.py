@@ -1,8 +1,8 @@
 """The "what users would run otherwise" baseline: anomalib-style PatchcoreModel forward in eager torch.
 
-Same model as an artifact (timm backbone rebuilt from the manifest, 3×3 average pool,
-bilinear upsample, concat), then anomalib's scoring verbatim in torch: the full
-``euclidean_dist`` matrix, ``min``, a second bank-wide search for the reweighting, and
+Same model as an artifact (the embedding rebuilt from the manifest as export builds it: any
+backbone or ensemble, either embedding, at the network's input size), then anomalib's scoring
+verbatim in torch: the full ``euclidean_dist`` matrix, ``min``, a second bank-wide search for the reweighting, and
 the nearest-upsampled, Gaussian-blurred map. The benchmark imports this lazily, only
 when a comparison is asked for; the runtime never does.
 """
@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from patchline.export.embedding import build_embedding
+from patchline.export.embedding import build_from_config
 from patchline.runtime.artifact import Artifact
+from patchline.runtime.config import ModelConfig
 from patchline.runtime.score import MAP_KERNEL, MAP_SIGMA
 
 
@@ -36,22 +37,45 @@ def _gaussian_kernel() -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def model_config(artifact: Artifact, weights: str | None = None) -> ModelConfig:
+    """The model config an artifact was exported with, as far as its manifest tells; ``weights`` replaces
+    weights the manifest only names (a file's name and digest, an anomalib checkpoint)."""
+    info = artifact.manifest.backbone
+    names = info.name.split("+")
+    sources = info.weights.split("; ")  # one per backbone, as build_from_config describes them
+    seed = 0
+    if weights is not None:
+        if len(names) > 1:
+            raise ValueError(f"{artifact.folder}: one baseline weights file cannot serve the ensemble {info.name}")
+        kinds = [weights]
+    elif len(sources) != len(names):
+        raise ValueError(f"{artifact.folder}: backbone weights {info.weights!r} do not name one source per backbone "
+                         f"of {info.name}")
+    else:
+        kinds = []
+        for source in sources:
+            random = re.fullmatch(r"random \(seed (\d+)\)", source)
+            if random:
+                kinds.append("random")
+                seed = int(random.group(1))
+            elif source.startswith("pretrained"):
+                kinds.append("pretrained")
+            else:
+                raise ValueError(f"{artifact.folder}: backbone weights {source!r} cannot be rebuilt from the manifest; "
+                                 "pass the weights file for the baseline")
+    return ModelConfig(backbone=names[0] if len(names) == 1 else names, layers=info.layers,
+                       weights=kinds[0] if len(kinds) == 1 else kinds, seed=seed,
+                       pretrain_embed_dimension=info.pretrain_embed_dimension,
+                       target_embed_dimension=info.target_embed_dimension)
+
+
 class TorchPatchcore:
     """Eager-torch PatchCore on an artifact's bank; ``forward`` times its stages like the runtime does."""
 
     def __init__(self, artifact: Artifact, bank: np.ndarray, weights: str | None = None, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
-        info = artifact.manifest.backbone
-        seed = re.fullmatch(r"random \(seed (\d+)\)", info.weights)
-        if weights is None:
-            if seed is None and not info.weights.startswith("pretrained"):
-                raise ValueError(
-                    f"{artifact.folder}: backbone weights {info.weights!r} cannot be rebuilt from the manifest; "
-                    "pass the weights file for the baseline"
-                )
-            weights = "random" if seed else "pretrained"
-        self.module, _ = build_embedding(info.name, info.layers, weights, int(seed.group(1)) if seed else 0)
+        self.module, _ = build_from_config(model_config(artifact, weights), artifact.manifest.preprocess.input_size)
         self.memory_bank = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
         self.num_neighbors = artifact.manifest.num_neighbors
         self.kernel = _gaussian_kernel()

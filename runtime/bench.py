@@ -6,7 +6,10 @@ runtime, the machine's sgemm rate, and — with ``compare`` — the eager-torch 
 (export/torch_baseline.py, imported only then). Variants run interleaved, frame by
 frame, so load from other processes spreads over all of them alike; the baseline takes
 turns of a few frames with the default variant. Results go to
-``bench/results/<date>-<host>.json`` and a table on stdout.
+``bench/results/cpu-<host>-<UTC time>.json`` and a table on stdout.
+
+``summarise``, ``machine_facts`` and ``write_result`` are shared by every benchmark here
+(bench_gpu, bench/*.py, calibration's INT8 comparison).
 
 Variant names: ``plain`` (no bank index: the blocked GEMM search and a bank-wide search
 for the reweighting, as an artifact exported without the index gets), ``projected``
@@ -27,6 +30,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 import cv2
@@ -35,7 +39,7 @@ import numpy as np
 from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.bank_index import SEARCH_DIMS, BankIndex, build_index, read_index
 from patchline.runtime.inspector import Inspection, Inspector
-from patchline.runtime.preprocess import list_images, to_rgb8
+from patchline.runtime.preprocess import decode_image, evaluation_root, list_images
 from patchline.runtime.score import MemoryBank
 
 STAGES = ("decode", "preprocess", "backbone", "distance", "reweight", "map", "publish")
@@ -50,7 +54,8 @@ class BenchOptions:
     frames: int = 30
     warmup: int = 3
     threads: int | None = None
-    variants: list[str] = field(default_factory=lambda: ["exact"])
+    variants: list[str] = field(default_factory=lambda: ["exact"])  # NAME[:DIMS][@MODEL_FILE] (parse_variant)
+    model_file: str | None = None  # model file of the artifact for every variant that names none
     dims: int = SEARCH_DIMS
     bank_size: int | None = None  # subsample the artifact's bank to this many rows
     random_bank: bool = False  # Gaussian rows with the bank's per-dimension mean/std instead of its rows
@@ -63,18 +68,70 @@ class BenchOptions:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class VariantSpec:
+    """A ``NAME[:DIMS][@MODEL_FILE]`` variant: the bank search, its projected dims, another model file."""
+
+    search: str
+    dims: int | None = None
+    model_file: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.search + (f":{self.dims}" if self.dims else "") + (f"@{self.model_file}" if self.model_file else "")
+
+
+def parse_variant(spec: str, model_file: str | None = None) -> VariantSpec:
+    """Parse ``NAME[:DIMS][@MODEL_FILE]``; ``model_file`` is used where the spec names none."""
+    search, _, own_file = spec.partition("@")
+    search, _, dims = search.partition(":")
+    if search not in SEARCHES or (dims and not dims.isdigit()) or dims == "0" or (own_file == "" and "@" in spec):
+        raise ValueError(f"unknown bench variant {spec!r}; searches: {', '.join(SEARCHES)} (NAME[:DIMS][@MODEL_FILE])")
+    return VariantSpec(search, int(dims) if dims else None, own_file or model_file)
+
+
 @dataclass
 class Variant:
     name: str
-    search: str
     model_file: str | None
     inspector: Inspector
     timings: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in (*STAGES, "total")})
     scores: list[float] = field(default_factory=list)
 
 
-def summarise(values: list[float]) -> dict[str, float]:
-    return {"median_ms": round(float(np.median(values)), 3), "p95_ms": round(float(np.percentile(values, 95)), 3)}
+def summarise(values_ms: list[float] | np.ndarray, percentiles: tuple[int, ...] = (50, 95), digits: int = 3,
+              unit: str = "_ms") -> dict[str, float]:
+    """Latency statistics: the percentiles (50 is ``median``, others ``pNN``), mean, min, max, and the count ``n``.
+
+    Keys end in ``unit`` (milliseconds; "" where the caller's context names the unit).
+    """
+    values = np.asarray(values_ms, np.float64)
+    if values.size == 0:
+        raise ValueError("no latencies to summarise: nothing was measured")
+    stats = {("median" if q == 50 else f"p{q}") + unit: round(float(np.percentile(values, q)), digits)
+             for q in percentiles}
+    stats.update({f"mean{unit}": round(float(values.mean()), digits), f"min{unit}": round(float(values.min()), digits),
+                  f"max{unit}": round(float(values.max()), digits), "n": int(values.size)})
+    return stats
+
+
+def machine_facts() -> dict[str, object]:
+    """The machine a benchmark ran on: host, CPU model, the cores this process may use, Python and numpy."""
+    return {"host": socket.gethostname(), "cpu_model": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "numpy": np.__version__}
+
+
+def write_result(name: str, data: dict, out_dir: str | Path) -> Path:
+    """Write a benchmark's result to ``out_dir/<name>-<host>-<UTC time>.json`` with the time and ``machine_facts()``
+    (which a ``machine`` entry of ``data`` extends)."""
+    now = datetime.now(timezone.utc)
+    record = {"created": now.isoformat(timespec="seconds"), **data,
+              "machine": {**machine_facts(), **data.get("machine", {})}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{socket.gethostname()}-{now:%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def sgemm_gflops(repeats: int = 5) -> tuple[float, str]:
@@ -135,27 +192,20 @@ def _replace_bank(artifact: Artifact, options: BenchOptions) -> np.ndarray:
     return bank[np.sort(rng.choice(bank.shape[0], size, replace=False))] if size < bank.shape[0] else bank
 
 
-def _frames(options: BenchOptions, size: tuple[int, int]) -> list[bytes]:
-    """PNG-encoded frames, so every variant pays the same decode."""
+Frame = tuple[str, bytes]  # where the frame came from (for errors) and its encoded bytes
+
+
+def _frames(options: BenchOptions, size: tuple[int, int]) -> list[Frame]:
+    """Encoded frames, so every variant pays the same decode."""
     if options.images is None:
         rng = np.random.default_rng(options.seed)
         images = [rng.integers(0, 256, (*size, 3), np.uint8) for _ in range(4)]
-        encoded = [cv2.imencode(".png", image)[1].tobytes() for image in images]
-    else:
-        root = options.images / "test" if (options.images / "test").is_dir() else options.images
-        paths = list_images(root)
-        if not paths:
-            raise FileNotFoundError(f"{options.images}: no images to benchmark with")
-        step = max(1, len(paths) // options.frames)  # spread over the classes of a sorted test set
-        encoded = [p.read_bytes() for p in paths[::step][: options.frames]]
-    return encoded
-
-
-def decode(data: bytes) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError("benchmark frame does not decode")
-    return to_rgb8(image)
+        return [(f"<noise frame {i}>", cv2.imencode(".png", image)[1].tobytes()) for i, image in enumerate(images)]
+    paths = list_images(evaluation_root(options.images))
+    if not paths:
+        raise FileNotFoundError(f"{options.images}: no images to benchmark with")
+    step = max(1, len(paths) // options.frames)  # spread over the classes of a sorted test set
+    return [(str(p), p.read_bytes()) for p in paths[::step][: options.frames]]
 
 
 class Publisher:
@@ -185,12 +235,8 @@ class Publisher:
 def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, index: BankIndex) -> list[Variant]:
     inspectors: dict[str | None, Inspector] = {}
     variants = []
-    for spec in options.variants:
-        search, _, model_file = spec.partition("@")
-        search, _, dims = search.partition(":")
-        if search not in SEARCHES or (dims and not dims.isdigit()):
-            raise ValueError(f"unknown bench variant {spec!r}; searches: {', '.join(SEARCHES)} (NAME[:DIMS][@MODEL_FILE])")
-        key = model_file or None
+    for spec in (parse_variant(v, options.model_file) for v in options.variants):
+        search, key = spec.search, spec.model_file
         if key not in inspectors:
             inspectors[key] = Inspector(artifact, device="cpu", threads=options.threads, model_file=key,
                                         graph_optimization=options.graph_optimization)
@@ -201,14 +247,14 @@ def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, 
             index.knn if search in ("exact", "approximate") else None,
         )
         own = copy.copy(inspector)  # same engine and preprocessing, its own bank search
-        own.bank = MemoryBank(bank, variant_index, int(dims or options.dims), search == "approximate", options.threads)
-        variants.append(Variant(spec, search, key, own))
+        own.bank = MemoryBank(bank, variant_index, spec.dims or options.dims, search == "approximate", options.threads)
+        variants.append(Variant(spec.name, key, own))
     return variants
 
 
-def _run_frame(variant: Variant, data: bytes, publisher: Publisher | None, record: bool) -> np.ndarray:
+def _run_frame(variant: Variant, frame: Frame, publisher: Publisher | None, record: bool) -> None:
     t0 = time.perf_counter()
-    rgb = decode(data)
+    rgb = decode_image(frame[1], frame[0])
     decode_ms = (time.perf_counter() - t0) * 1000.0
     result = variant.inspector.inspect(rgb)
     publish_ms = publisher(result) if publisher else None
@@ -219,7 +265,6 @@ def _run_frame(variant: Variant, data: bytes, publisher: Publisher | None, recor
                 variant.timings[stage].append(stages[stage])
         variant.timings["total"].append(decode_ms + result.timings_ms["total"] + (publish_ms or 0.0))
         variant.scores.append(result.score)
-    return rgb
 
 
 def _reference(variants: list[Variant]) -> Variant:
@@ -256,14 +301,14 @@ def _accuracy(variants: list[Variant], data: Path) -> dict[str, dict[str, float]
 
 def run_bench(options: BenchOptions) -> dict:
     """Run the benchmark, write its JSON and return it."""
-    load_before = list(np.round(_loadavg(), 2))
+    load_before = list(np.round(os.getloadavg(), 2))
     artifact = load_artifact(options.artifact)
     manifest = artifact.manifest
     bank = _replace_bank(artifact, options)
     t0 = time.perf_counter()
     index = read_index(artifact) if bank is artifact.bank else build_index(bank, manifest.num_neighbors)
     index_s = time.perf_counter() - t0
-    if any(v.split("@")[0] != "plain" for v in options.variants) and index.basis is None:
+    if any(parse_variant(v).search != "plain" for v in options.variants) and index.basis is None:
         raise ValueError(f"{options.artifact}: no bank projection in the artifact; only the 'plain' variant can run "
                          "(re-export, or `patchline index` it)")
     variants = _make_variants(options, artifact, bank, index)
@@ -292,17 +337,7 @@ def run_bench(options: BenchOptions) -> dict:
         "reweight": 2.0 * rows * dim / rate / 1e6,  # one bank-wide search for m*'s neighbours
     }
     results = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_model": _cpu_model(),
-            "cores": _cores(),
-            "load_avg_before": load_before,
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "onnxruntime": _version("onnxruntime"),
-        },
+        "machine": {**machine_facts(), "load_avg_before": load_before, "onnxruntime": version("onnxruntime")},
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.__dict__.items()},
         "artifact": {
             "model_id": manifest.model_id,
@@ -344,15 +379,12 @@ def run_bench(options: BenchOptions) -> dict:
         results["baseline"] = _compare(options, artifact, bank, frames, _reference(variants))
     if options.accuracy:
         results["accuracy"] = _accuracy(variants, options.accuracy)
-    results["machine"]["load_avg_after"] = list(np.round(_loadavg(), 2))
-    options.out_dir.mkdir(parents=True, exist_ok=True)
-    path = options.out_dir / f"{datetime.now().strftime('%Y-%m-%d')}-{socket.gethostname()}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    results["path"] = str(path)
+    results["machine"]["load_avg_after"] = list(np.round(os.getloadavg(), 2))
+    results["path"] = str(write_result("cpu", results, options.out_dir))
     return results
 
 
-def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames: list[bytes], ours: Variant) -> dict:
+def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames: list[Frame], ours: Variant) -> dict:
     """The eager-torch baseline and ``ours`` again on the same frames, taking turns: per-stage times and the ratio.
 
     Each side runs COMPARE_TURN frames in a row, so that neither pays on every frame for the
@@ -365,18 +397,18 @@ def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames
     baseline = TorchPatchcore(artifact, bank, options.baseline_weights, options.threads)
     preprocess = ours.inspector.preprocess
 
-    def torch_frame(data: bytes) -> tuple[float, dict[str, float]]:
+    def torch_frame(frame: Frame) -> tuple[float, dict[str, float]]:
         t0 = time.perf_counter()
-        rgb = decode(data)
+        rgb = decode_image(frame[1], frame[0])
         t1 = time.perf_counter()
         batch = preprocess([rgb])
         t2 = time.perf_counter()
         scores, _, times = baseline.forward(batch)
         return float(scores[0]), {"decode": (t1 - t0) * 1000.0, "preprocess": (t2 - t1) * 1000.0, **times}
 
-    def our_frame(data: bytes) -> tuple[float, float]:
+    def our_frame(frame: Frame) -> tuple[float, float]:
         t0 = time.perf_counter()
-        rgb = decode(data)
+        rgb = decode_image(frame[1], frame[0])
         decode_ms = (time.perf_counter() - t0) * 1000.0
         result = ours.inspector.inspect(rgb)
         return result.score, decode_ms + result.timings_ms["total"]
@@ -389,12 +421,12 @@ def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames
     score_diff = []
     for start in range(0, options.frames, COMPARE_TURN):
         turn = [frames[i % len(frames)] for i in range(start, min(start + COMPARE_TURN, options.frames))]
-        theirs = [torch_frame(data) for data in turn]
-        for (their_score, times), data in zip(theirs, turn):
+        theirs = [torch_frame(frame) for frame in turn]
+        for (their_score, times), frame in zip(theirs, turn):
             for stage, value in times.items():
                 stages[stage].append(value)
             stages["total"].append(sum(times.values()))
-            score, total = our_frame(data)
+            score, total = our_frame(frame)
             mine.append(total)
             score_diff.append(abs(their_score - score) / max(abs(their_score), 1e-12))
     ratio = float(np.median(stages["total"]) / np.median(mine))
@@ -414,14 +446,6 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _loadavg() -> tuple[float, float, float]:
-    return os.getloadavg()
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -430,12 +454,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 def format_table(results: dict) -> str:

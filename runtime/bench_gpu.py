@@ -14,26 +14,24 @@ reason and the rest still runs. Results are written as JSON (default under bench
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
+from patchline.runtime.bench import summarise, write_result
 from patchline.runtime.config import TensorRtConfig
 
 log = logging.getLogger(__name__)
 
 
-def summarize(samples_ms: list[float]) -> dict[str, float]:
-    values = np.asarray(samples_ms, np.float64)
-    return {"median_ms": round(float(np.median(values)), 4), "p90_ms": round(float(np.percentile(values, 90)), 4),
-            "min_ms": round(float(values.min()), 4), "mean_ms": round(float(values.mean()), 4), "samples": len(values)}
+def _summary(samples_ms: list[float]) -> dict[str, float]:
+    # p90 rather than p95 for the few repeats a GPU run takes; 4 digits for kernels of tens of microseconds
+    return summarise(samples_ms, (50, 90), digits=4)
 
 
 def wall_times(call: Callable[[], object], repeats: int, warm: int = 3) -> list[float]:
@@ -66,7 +64,7 @@ def engine_latency(engine: Callable[[np.ndarray], np.ndarray], input_shape: tupl
     out: dict[str, object] = {}
     for batch in batches:
         x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
-        out[f"batch_{batch}"] = summarize(wall_times(lambda: engine(x), repeats))
+        out[f"batch_{batch}"] = _summary(wall_times(lambda: engine(x), repeats))
     return out
 
 
@@ -87,7 +85,7 @@ def gemm_rate(n: int, m: int, d: int, precision: str, repeats: int) -> dict[str,
         end.record()
         end.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, end))
-    return _rate(summarize(times), 2.0 * n * m * d)
+    return _rate(_summary(times), 2.0 * n * m * d)
 
 
 def kernel_vs_gemm(bank: np.ndarray, query_counts: list[int], device: object, repeats: int) -> dict[str, object]:
@@ -101,8 +99,8 @@ def kernel_vs_gemm(bank: np.ndarray, query_counts: list[int], device: object, re
         for n in query_counts:
             x = rng.standard_normal((n, d), dtype=np.float32)
             entry: dict[str, object] = {
-                "kernel_device": _rate(summarize(nearest.time_kernels(x, 1, repeats)), 2.0 * n * m * d),
-                "call_with_copies": summarize(wall_times(lambda: nearest.nearest(x, 1), repeats)),
+                "kernel_device": _rate(_summary(nearest.time_kernels(x, 1, repeats)), 2.0 * n * m * d),
+                "call_with_copies": _summary(wall_times(lambda: nearest.nearest(x, 1), repeats)),
             }
             _part(entry, "cublas_gemm", lambda: gemm_rate(n, m, d, precision, repeats))
             gemm = entry["cublas_gemm"]
@@ -124,9 +122,9 @@ def end_to_end(artifact: Artifact, engine: str, distance: str, batch: int, repea
     for _ in range(repeats):
         for stage, ms in inspector.inspect(image).timings_ms.items():
             stages.setdefault(stage, []).append(ms)
-    batched = summarize(wall_times(lambda: inspector.inspect_batch([image] * batch), repeats))
+    batched = _summary(wall_times(lambda: inspector.inspect_batch([image] * batch), repeats))
     return {
-        "frame_batch_1": {stage: summarize(ms) for stage, ms in stages.items()},
+        "frame_batch_1": {stage: _summary(ms) for stage, ms in stages.items()},
         f"batch_{batch}": {**batched, "images_per_s": round(batch / (batched["median_ms"] * 1e-3), 1)},
     }
 
@@ -153,8 +151,6 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
     patches = manifest.model.patch_grid[0] * manifest.model.patch_grid[1]
     input_shape = (3, *manifest.preprocess.input_size)
     results: dict[str, object] = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
         "device": device.describe(),
         "versions": _versions(),
         "model": {"model_id": manifest.model_id, "input": list(input_shape), "patches_per_image": patches,
@@ -189,9 +185,5 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
 
 
 def write_results(results: dict[str, object], out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out / f"gpu-{platform.node() or 'host'}-{stamp}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
+    """``out_dir/gpu-<host>-<UTC time>.json``."""
+    return write_result("gpu", results, out_dir)

@@ -12,10 +12,12 @@ import logging
 import sys
 from pathlib import Path
 
-from patchline.runtime.artifact import ArtifactError
-from patchline.runtime.config import ConfigError
+from patchline.runtime.artifact import PRECISIONS, ArtifactError
+from patchline.runtime.config import ConfigError, TensorRtConfig
 from patchline.runtime.cuda_device import GpuUnavailable
-from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, list_images
+from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
+from patchline.runtime.inspector import DISTANCES
+from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images, list_images
 
 log = logging.getLogger("patchline")
 
@@ -47,7 +49,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     }))
 
 
-def _prepare_engine(artifact_dir: Path, settings, device: str) -> dict[str, object]:  # noqa: ANN001 - TensorRtConfig
+def _prepare_engine(artifact_dir: Path, settings: TensorRtConfig, device: str) -> dict[str, object]:
     """Build (or check) the TensorRT engine for an artifact on this machine's GPU."""
     from patchline.runtime.artifact import load_artifact
     from patchline.runtime.cuda_device import CudaDevice
@@ -80,13 +82,14 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
     print(f"results written to {path}", file=sys.stderr)
 
 
-def _expand(paths: list[Path]) -> list[Path]:
+def _expand(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(image, its path relative to the argument it came from): names outputs uniquely below a folder."""
     found = []
     for path in paths:
         if path.is_dir():
-            found.extend(list_images(path))
+            found.extend((image, image.relative_to(path)) for image in list_images(path))
         elif path.suffix.lower() in IMAGE_SUFFIXES or path.exists():
-            found.append(path)
+            found.append((path, Path(path.name)))
         else:
             raise SystemExit(f"patchline: {path}: no such image or folder")
     return found
@@ -95,18 +98,16 @@ def _expand(paths: list[Path]) -> list[Path]:
 def cmd_score(args: argparse.Namespace) -> None:
     from patchline.runtime.inspector import Inspector
     from patchline.runtime.overlay import heatmap_overlay, write_rgb
-    from patchline.runtime.preprocess import read_image
 
     inspector = Inspector(args.artifact, engine=args.engine, distance=args.distance, device=args.device,
                           threads=args.threads, precision=args.precision)
     inspector.warm_up()
     failures = 0
-    for path in _expand(args.images):
-        try:
-            rgb = read_image(path)
-        except ImageError as exc:
+    images = _expand(args.images)
+    for (path, relative), (_, rgb) in zip(images, iter_images(path for path, _ in images)):
+        if isinstance(rgb, ImageError):
             failures += 1
-            print(json.dumps({"path": str(path), "error": exc.reason}), flush=True)
+            print(json.dumps({"path": str(path), "error": rgb.reason}), flush=True)
             continue
         result = inspector.inspect(rgb)
         line = {
@@ -116,7 +117,8 @@ def cmd_score(args: argparse.Namespace) -> None:
             "latency_ms": result.timings_ms,
         }
         if args.heatmap_dir:
-            out = Path(args.heatmap_dir) / f"{path.stem}_heatmap.png"
+            # good/000.png and crack/000.png must not overwrite each other: keep the subfolders
+            out = Path(args.heatmap_dir) / relative.with_name(f"{relative.stem}_heatmap.png")
             write_rgb(out, heatmap_overlay(rgb, result.anomaly_map))
             line["heatmap"] = str(out)
         print(json.dumps(line), flush=True)
@@ -204,10 +206,20 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
 
 def cmd_backbones(args: argparse.Namespace) -> None:
     try:
-        from patchline.export.catalogue import CATALOGUE, extractable_layers, parameter_count
+        from patchline.export.catalogue import CATALOGUE, Entry, extractable_layers, parameter_count, resolve
     except ModuleNotFoundError as exc:
         raise _missing_extra(exc, "export") from exc
-    if args.name:
+
+    def row(entry: Entry) -> str:
+        if not entry.supported:
+            return f"{entry.name:<20} {'unsupported':<12} {entry.note}"
+        params = f"{parameter_count(entry) / 1e6:.1f}M"
+        return (f"{entry.name:<20} {entry.source:<12} {entry.model:<50} {', '.join(entry.layers):<42} {params:>8}"
+                + (f"  ({entry.note})" if entry.note else ""))
+
+    if args.layers and not args.name:
+        raise SystemExit("patchline: backbones --layers needs a NAME")
+    if args.name and args.layers:
         size = (args.image_size, args.image_size)
         layers = extractable_layers(args.name, size)
         print(f"{args.name} at {size[0]}x{size[1]}: layers (any deeper module path works too)")
@@ -215,14 +227,10 @@ def cmd_backbones(args: argparse.Namespace) -> None:
         for name, layout in layers.items():
             print(f"{name:<28} {layout.channels:>8} {layout.grid[0]:>4}x{layout.grid[1]:<4}  {layout.kind}")
         return
+    entries = [CATALOGUE.get(args.name) or resolve(args.name)] if args.name else CATALOGUE.values()
     print(f"{'name':<20} {'source':<12} {'model':<50} {'default layers':<42} {'params':>8}")
-    for entry in CATALOGUE.values():
-        if not entry.supported:
-            print(f"{entry.name:<20} {'unsupported':<12} {entry.note}")
-            continue
-        params = f"{parameter_count(entry) / 1e6:.1f}M"
-        print(f"{entry.name:<20} {entry.source:<12} {entry.model:<50} {', '.join(entry.layers):<42} {params:>8}"
-              + (f"  ({entry.note})" if entry.note else ""))
+    for entry in entries:
+        print(row(entry))
 
 
 def cmd_import_anomalib(args: argparse.Namespace) -> None:
@@ -246,10 +254,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from patchline.runtime.bank_index import SEARCH_DIMS
     from patchline.runtime.bench import BenchOptions, format_table, run_bench
 
-    variants = [v if "@" in v or not args.model_file else f"{v}@{args.model_file}" for v in args.variants.split(",") if v]
     options = BenchOptions(
         artifact=args.artifact, images=args.images, frames=args.frames, warmup=args.warmup, threads=args.threads,
-        variants=variants, dims=args.dims or SEARCH_DIMS, bank_size=args.bank_size,
+        variants=[v for v in args.variants.split(",") if v], model_file=args.model_file, dims=args.dims or SEARCH_DIMS, bank_size=args.bank_size,
         random_bank=args.random_bank, graph_optimization=args.graph_opt, compare=args.compare,
         baseline_weights=args.baseline_weights, publish=args.publish, accuracy=args.accuracy, out_dir=args.out,
     )
@@ -333,14 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("eval", cmd_eval, "score an MVTec-layout test set and report AUROC")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--artifact", type=Path, required=True)
-        p.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+        p.add_argument("--device", choices=ORT_DEVICES, default="auto",
                        help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider)")
         p.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                        help="tensorrt: the cached TensorRT engine, built on first use (needs the 'gpu' extra)")
-        p.add_argument("--distance", choices=["cpu", "cuda", "cuda-fp16"], default="cpu",
+        p.add_argument("--distance", choices=DISTANCES, default="cpu",
                        help="where patches meet the memory bank: numpy, or the CUDA kernel")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-        p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="run the fp32 model or its INT8 quantisation (patchline quantize)")
         p.set_defaults(func=func)
         if name == "score":
@@ -367,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, help="… times this margin (default 1.1)")
     p.add_argument("--min-good", type=int, help="refuse with fewer good validation images (default 10)")
     p.add_argument("--min-defective", type=int, help="refuse with fewer defect images, with --defects (default 5)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="the model the line will run")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the model the line will run")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.set_defaults(func=cmd_calibrate)
@@ -391,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample_data)
 
-    p = sub.add_parser("backbones", help="list PatchCore's backbone catalogue, or one backbone's layers")
-    p.add_argument("name", nargs="?", help="a catalogue or timm name: list its extractable layers")
-    p.add_argument("--layers", action="store_true", help="list NAME's layers (the default when NAME is given)")
+    p = sub.add_parser("backbones", help="list PatchCore's backbone catalogue, one backbone, or its layers")
+    p.add_argument("name", nargs="?", help="a catalogue or timm name: show its entry (with --layers: its layers)")
+    p.add_argument("--layers", action="store_true", help="list NAME's extractable layers with channels and grid")
     p.add_argument("--image-size", type=int, default=224, help="input size for the layers' grids (default 224)")
     p.set_defaults(func=cmd_backbones)
 
@@ -416,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=int, default=None, help="projected dimensions of the bound search")
     p.add_argument("--bank-size", type=int, help="subsample the bank to this many rows (or size of --random-bank)")
     p.add_argument("--random-bank", action="store_true", help="Gaussian bank rows with the bank's mean/std")
-    p.add_argument("--graph-opt", choices=["disable", "basic", "extended", "all"], default="all",
+    p.add_argument("--graph-opt", choices=list(GRAPH_OPTIMIZATION), default="all",
                    help="ONNX Runtime graph optimisation level")
     p.add_argument("--compare", action="store_true", help="also run the eager-torch baseline (needs the export extra)")
     p.add_argument("--baseline-weights", help="weights file for the baseline when the manifest's cannot be rebuilt")
@@ -444,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ConfigError, ArtifactError, ImageError, FileNotFoundError, ValueError, GpuUnavailable) as exc:
+        log.debug("%s failed", args.command, exc_info=True)  # the traceback, with -v
         raise SystemExit(f"patchline: {exc}") from None
 
 

@@ -6,6 +6,8 @@ runtime sees the same pixels for the same file.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +29,37 @@ class ImageError(ValueError):
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files below ``folder`` (recursive), sorted."""
+    """Image files below ``folder`` (recursive), sorted; dot-files (macOS ``._x.png`` metadata) left out."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def is_mvtec_category(folder: str | Path) -> bool:
+    """An MVTec-AD category folder: one with ``test/<class>/`` (and usually ``train/good``)."""
+    return (Path(folder) / "test").is_dir()
+
+
+def training_root(folder: str | Path) -> Path:
+    """Where the good training images are: an MVTec category's ``train/good``, else the folder itself."""
+    good = Path(folder) / "train" / "good"
+    return good if good.is_dir() else Path(folder)
+
+
+def evaluation_root(folder: str | Path) -> Path:
+    """Where the test images (all classes) are: an MVTec category's ``test/``, else the folder itself."""
+    return Path(folder) / "test" if is_mvtec_category(folder) else Path(folder)
+
+
+def iter_images(paths: Iterable[Path]) -> Iterator[tuple[Path, np.ndarray | ImageError]]:
+    """(path, RGB uint8) for each readable image, (path, ImageError) for each unusable one: the caller counts them."""
+    for path in paths:
+        try:
+            yield path, read_image(path)
+        except ImageError as exc:
+            yield path, exc
 
 
 def _truncated_jpeg(data: bytes) -> bool:
@@ -54,24 +82,31 @@ def to_rgb8(image: np.ndarray, source: str | Path = "<frame>") -> np.ndarray:
     raise ImageError(source, f"unsupported image shape {image.shape}")
 
 
+def decode_image(data: bytes, source: str | Path) -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG …) to RGB uint8, or raise ImageError naming ``source`` and the problem."""
+    if not data:
+        raise ImageError(source, "empty file")
+    if _truncated_jpeg(data):
+        raise ImageError(source, "truncated JPEG (no end-of-image marker)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise ImageError(source, "not a decodable image (corrupt or truncated)")
+    return to_rgb8(image, source)
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8, or raise ImageError naming the file and the problem."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(path, f"cannot read: {exc.strerror}") from exc
-    if not data:
-        raise ImageError(path, "empty file")
-    if _truncated_jpeg(data):
-        raise ImageError(path, "truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        raise ImageError(path, "not a decodable image (corrupt or truncated)")
-    return to_rgb8(image, path)
+    return decode_image(data, path)
 
 
+@functools.lru_cache(maxsize=32)
 def _antialias_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices and weights (size_out, taps) of torch's antialiased bilinear (PIL's triangle filter).
+    """Source indices and weights (size_out, taps) of torch's antialiased bilinear (PIL's triangle filter),
+    cached per size pair (a camera's frames all have one size) and read-only for that reason.
 
     A port of ATen's _compute_indices_min_size_weights_aa for float32 input: downscaling widens the
     filter to the scale, and each output pixel's window is clipped to the image and renormalised.
@@ -95,7 +130,10 @@ def _antialias_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndar
     for tap in taps:  # summed in order, in float32, as ATen does
         total += weights[:, tap]
     weights = np.divide(weights, total[:, None], out=weights, where=total[:, None] != 0)
-    return np.minimum(first[:, None] + taps, size_in - 1), weights
+    index = np.minimum(first[:, None] + taps, size_in - 1)
+    index.setflags(write=False)
+    weights.setflags(write=False)
+    return index, weights
 
 
 def antialias_resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -150,13 +188,17 @@ class Preprocessor:
             return antialias_resize(rgb, self.image_size)
         return cv2.resize(rgb, (width, height), interpolation=RESIZE_METHODS[self.resize])
 
+    @functools.cached_property
+    def _normalisation(self) -> tuple[np.float32, np.ndarray, np.ndarray]:
+        return np.float32(1.0 / 255.0), np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         """RGB uint8 images of any size → float32 array (N, 3, H, W)."""
-        scale = np.float32(1.0 / 255.0)
-        mean = np.asarray(self.mean, np.float32)
-        std = np.asarray(self.std, np.float32)
+        scale, mean, std = self._normalisation
         top, left, height, width = self.crop_box()
         batch = np.stack([self.resize_image(img)[top : top + height, left : left + width] for img in images])
-        batch = batch.astype(np.float32)
-        batch = (batch * scale - mean) / std
+        batch = batch.astype(np.float32, copy=False)  # np.stack made a new array: safe to work in place
+        batch *= scale
+        batch -= mean
+        batch /= std
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))

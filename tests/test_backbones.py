@@ -161,3 +161,10 @@ def test_cli_lists_catalogue_and_layers(capsys):
     assert "unsupported" in rows["bninception"] and "pretrainedmodels" in rows["bninception"]
     assert "wide_resnet50_2.tv_in1k" in rows["wideresnet50"] and "68.9M" in rows["wideresnet50"]
     assert "blocks.6, blocks.9" in rows["vit_base"] and "86.6M" in rows["vit_base"]
+    main(["backbones", "wideresnet50"])  # NAME alone: its entry, not its layers
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1] == rows["wideresnet50"]
+    main(["backbones", "resnet18"])  # a timm name outside the catalogue
+    assert "11.7M" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--layers needs a NAME"):
+        main(["backbones", "--layers"])

@@ -1,9 +1,14 @@
 """`patchline bench` runs once on the small artifact and writes a well-formed results file (no timing asserted)."""
 
 import json
+import os
+import shutil
 
-from patchline.runtime.bench import STAGES
+import pytest
+
+from patchline.runtime.bench import STAGES, VariantSpec, parse_variant, summarise, write_result
 from patchline.runtime.cli import main
+from tests.test_search import strip_index
 
 
 def test_bench_writes_results_and_table(small_artifact, sample_data, mosquitto, tmp_path, capsys):
@@ -40,3 +45,47 @@ def test_bench_with_random_bank_of_given_size(small_artifact, tmp_path, capsys):
     results = json.loads(next(out.glob("*.json")).read_text())
     assert results["artifact"]["bank_rows"] == 517 and results["artifact"]["bank"] == "random"
     assert "not measured" in capsys.readouterr().out  # publish without a broker
+
+
+def test_bench_names_a_frame_that_does_not_decode(small_artifact, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(SystemExit, match=r"broken\.png: not a decodable image"):
+        main(["bench", "--artifact", str(small_artifact), "--images", str(frames), "--frames", "1", "--warmup", "1",
+              "--out", str(tmp_path / "results")])
+
+
+def test_summarise_and_write_result(tmp_path):
+    stats = summarise([4.0, 1.0, 3.0, 2.0], (50, 90))
+    assert stats == {"median_ms": 2.5, "p90_ms": 3.7, "mean_ms": 2.5, "min_ms": 1.0, "max_ms": 4.0, "n": 4}
+    assert summarise([1.0], unit="") == {"median": 1.0, "p95": 1.0, "mean": 1.0, "min": 1.0, "max": 1.0, "n": 1}
+    with pytest.raises(ValueError, match="nothing was measured"):
+        summarise([])
+    path = write_result("unit", {"value": 1, "machine": {"load": 0.5}}, tmp_path / "out")
+    written = json.loads(path.read_text())
+    assert path.name.startswith(f"unit-{written['machine']['host']}-") and written["value"] == 1
+    assert written["machine"]["load"] == 0.5 and written["machine"]["cores"] == len(os.sched_getaffinity(0))
+    assert written["machine"]["cpu_model"] and written["created"]
+
+
+def test_variant_specs():
+    assert parse_variant("plain:32") == VariantSpec("plain", 32, None)
+    assert parse_variant("exact@model.int8.onnx").name == "exact@model.int8.onnx"
+    assert parse_variant("approximate:16", "model.int8.onnx") == VariantSpec("approximate", 16, "model.int8.onnx")
+    assert parse_variant("exact@other.onnx", "model.int8.onnx").model_file == "other.onnx"
+    for bad in ("fast", "exact:x", "exact:0", "exact@"):
+        with pytest.raises(ValueError, match="unknown bench variant"):
+            parse_variant(bad)
+
+
+def test_plain_variant_with_dims_runs_on_an_artifact_without_index(small_artifact, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(small_artifact, old)
+    strip_index(old)
+    main(["bench", "--artifact", str(old), "--frames", "1", "--warmup", "0", "--variants", "plain:32",
+          "--out", str(tmp_path / "results")])
+    assert "plain:32" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no bank projection"):
+        main(["bench", "--artifact", str(old), "--frames", "1", "--variants", "plain,exact:32",
+              "--out", str(tmp_path / "results")])

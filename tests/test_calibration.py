@@ -187,5 +187,5 @@ def test_eval_report_holds_the_numbers_recomputed_here(quantized, sample_data, t
     np.testing.assert_allclose(q["int8_scores"], int8, rtol=1e-5)
     assert q["image_auroc"]["int8"] == pytest.approx(roc_auc_score(labels, int8))
     assert q["score_drift"]["max_abs"] == pytest.approx(np.abs(int8 - scores).max(), rel=1e-4)
-    assert q["latency_ms"]["fp32"]["frames"] == q["latency_ms"]["int8"]["frames"] == len(paths)
+    assert q["latency_ms"]["fp32"]["n"] == q["latency_ms"]["int8"]["n"] == len(paths)
     assert q["latency_ms"]["int8"]["median"] > 0

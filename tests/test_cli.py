@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -48,6 +49,10 @@ def test_score_prints_json_lines_and_writes_heatmaps(cli_artifact, sample_data, 
         x, y = line["max_patch_xy"]
         assert 0 <= x < 128 and 0 <= y < 128
         assert Path(line["heatmap"]).is_file()
+    # every class folder has a 000.png: one heatmap per image, named by its place below the argument
+    maps = tmp_path / "maps"
+    assert len({line["heatmap"] for line in lines}) == len(lines) == len(list(maps.rglob("*_heatmap.png")))
+    assert (maps / "good" / "000_heatmap.png").is_file() and (maps / "spot" / "000_heatmap.png").is_file()
     good = [l["score"] for l in lines if "/good/" in l["path"]]
     bad = [l["score"] for l in lines if "/good/" not in l["path"]]
     assert np.mean(bad) > np.mean(good)
@@ -122,3 +127,14 @@ def test_non_editable_install_imports_and_runs(tmp_path, cli_artifact, sample_da
     assert "score" in json.loads(result.stdout)
     assert (site / "patchline" / "runtime" / "cli.py").is_file()
     assert os.path.isdir(site / "patchline" / "export") and os.path.isdir(site / "patchline" / "calibration")
+
+
+def test_verbose_refusal_logs_the_traceback(tmp_path, caplog):
+    from patchline.runtime.artifact import ArtifactError
+    from patchline.runtime.cli import main
+
+    caplog.set_level(logging.DEBUG, logger="patchline")
+    with pytest.raises(SystemExit, match="missing manifest.json"):
+        main(["-v", "score", "--artifact", str(tmp_path), str(tmp_path / "x.png")])
+    failed = [r for r in caplog.records if r.getMessage() == "score failed"]
+    assert len(failed) == 1 and failed[0].exc_info[0] is ArtifactError

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from patchline.export.embedding import build_from_config
 from patchline.export.ensemble import AdaptiveMean, unfold_patches
 from patchline.export.fit import export_artifact
+from patchline.export.torch_baseline import TorchPatchcore
 from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import ConfigError, load_config
 from patchline.runtime.inspector import Inspector
@@ -116,6 +117,13 @@ def test_ensemble_exports_and_scores_end_to_end(sample_data: Path, tmp_path: Pat
     want, _ = plain_patchcore.score(embedding, torch.from_numpy(inspector.bank.rows), manifest.num_neighbors)
     got = [inspector.inspect(image).score for image in images]
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4)
+
+    # The bench's eager-torch baseline rebuilds the same ensemble from the manifest alone.
+    artifact = load_artifact(tmp_path)
+    baseline = TorchPatchcore(artifact, artifact.bank)
+    scores, maps, _ = baseline.forward(inspector.preprocess(images))
+    assert maps.shape == (len(images), 128, 128)
+    np.testing.assert_allclose(scores, got, rtol=1e-3)
 
 
 def test_ensemble_config_errors_name_the_layer():

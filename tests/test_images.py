@@ -3,7 +3,15 @@ import numpy as np
 import pytest
 
 from patchline.export.fit import load_good_images
-from patchline.runtime.preprocess import ImageError, read_image
+from patchline.runtime.preprocess import (
+    ImageError,
+    Preprocessor,
+    evaluation_root,
+    iter_images,
+    list_images,
+    read_image,
+    training_root,
+)
 
 
 @pytest.fixture()
@@ -23,6 +31,7 @@ def odd_folder(tmp_path):
     png = (folder / "ok.png").read_bytes()
     (folder / "cut.png").write_bytes(png[: len(png) // 2])
     (folder / "notes.txt").write_text("not an image, not listed")
+    (folder / "._ok.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble metadata, not listed")
     return folder, bgr
 
 
@@ -61,3 +70,35 @@ def test_export_loader_skips_and_reports(odd_folder):
 def test_mvtec_category_uses_train_good(sample_data):
     images, skipped = load_good_images(sample_data)
     assert len(images) == 20 and not skipped
+
+
+def test_listing_skips_dot_files_and_iteration_names_each_bad_file(odd_folder):
+    folder, _ = odd_folder
+    paths = list_images(folder)
+    assert [p.name for p in paths] == ["cut.jpg", "cut.png", "deep.tif", "empty.png", "ok.png", "photo.jpg", "rgba.png",
+                                       "gray.png"]
+    results = list(iter_images(paths))
+    assert [path for path, _ in results] == paths
+    errors = {path.name: item.reason for path, item in results if isinstance(item, ImageError)}
+    assert errors == {"cut.jpg": "truncated JPEG (no end-of-image marker)", "empty.png": "empty file",
+                      "cut.png": "not a decodable image (corrupt or truncated)"}
+    assert all(item.dtype == np.uint8 and item.shape == (40, 50, 3) for _, item in results if not isinstance(item, ImageError))
+
+
+def test_layout_roots(sample_data, odd_folder):
+    assert training_root(sample_data) == sample_data / "train" / "good"
+    assert evaluation_root(sample_data) == sample_data / "test"
+    folder, _ = odd_folder
+    assert training_root(folder) == folder and evaluation_root(folder) == folder
+
+
+@pytest.mark.parametrize("resize", ["area", "bilinear", "antialias"])
+def test_preprocessing_works_in_place_on_its_own_copy_only(resize):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (50, 70, 3), np.uint8)
+    before = image.copy()
+    preprocess = Preprocessor((32, 32), resize, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    first, second = preprocess([image]), preprocess([image])
+    np.testing.assert_array_equal(image, before)
+    np.testing.assert_array_equal(first, second)
+    assert first.dtype == np.float32 and first.shape == (1, 3, 32, 32) and first.flags.c_contiguous

@@ -16,7 +16,7 @@ from patchline.calibration.thresholds import (
     operating_point,
     quantile_threshold,
 )
-from patchline.runtime.decision import decide
+from patchline.runtime.decision import Calibration, decide
 
 
 def score_set(good: list[float], defective: list[float]) -> ScoreSet:
@@ -85,6 +85,19 @@ def test_calibrate_scores_good_only_uses_quantile_and_normalises_threshold_to_ha
     assert decide(100.0, calibration).normalised == 1.0 and decide(0.0, calibration).normalised == 0.0
     point = calibration.details["points"]["quantile"]
     assert point["false_reject_rate"] == 0.0 and point["false_accept_rate"] is None
+
+
+def test_normalised_half_marks_the_threshold_in_use_when_the_config_overrides_it():
+    calibration = Calibration(image_threshold=2.0, score_min=1.0, score_max=3.0, method="manual")
+    decision = decide(2.5, calibration, threshold=3.0)
+    assert decision.verdict == "OK" and decision.normalised == pytest.approx(0.25)  # span 2 kept, centred on 3
+    assert decide(3.0, calibration, threshold=3.0).normalised == 0.5
+    for score in (0.0, 1.9, 2.0, 2.5, 2.9999, 3.0, np.nextafter(3.0, 4.0), 3.5, 9.0):
+        decision = decide(float(score), calibration, threshold=3.0)
+        assert (decision.normalised > 0.5) == (decision.verdict == "NG"), score
+    # a score above the threshold by less than 0.5's resolution still normalises above 0.5
+    assert decide(np.nextafter(3.0, 4.0), Calibration(image_threshold=3.0, score_min=0.0, score_max=1e9,
+                                                      method="manual")).normalised > 0.5
 
 
 def test_calibrate_scores_with_defects_reports_both_points_and_uses_the_asked_one():
