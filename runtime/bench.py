@@ -38,6 +38,7 @@ import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.bank_index import SEARCH_DIMS, BankIndex, build_index, read_index
+from patchline.runtime.distance import available_cores
 from patchline.runtime.inspector import Inspection, Inspector
 from patchline.runtime.preprocess import decode_image, evaluation_root, list_images
 from patchline.runtime.score import MemoryBank
@@ -117,7 +118,7 @@ def summarise(values_ms: list[float] | np.ndarray, percentiles: tuple[int, ...] 
 
 def machine_facts() -> dict[str, object]:
     """The machine a benchmark ran on: host, CPU model, the cores this process may use, Python and numpy."""
-    return {"host": socket.gethostname(), "cpu_model": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
+    return {"host": socket.gethostname(), "cpu_model": _cpu_model(), "cores": available_cores(),
             "python": platform.python_version(), "numpy": np.__version__}
 
 

@@ -68,6 +68,12 @@ def cmd_engine(args: argparse.Namespace) -> None:
     settings = load_config(args.config, args.set).tensorrt
     if args.check:
         settings = settings.model_copy(update={"build": False})
+    if args.calibrate:
+        from patchline.calibration.tensorrt_calibrator import calibrate_engine
+
+        path, built = calibrate_engine(args.artifact, args.calibrate, settings, args.device)
+        print(json.dumps({"engine": str(path), "built": built, "calibration_cache": settings.calibration_cache}))
+        return
     print(json.dumps(_prepare_engine(args.artifact, settings, args.device)))
 
 
@@ -323,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
     p.add_argument("--device", default="cuda", help="cuda or cuda:N")
     p.add_argument("--check", action="store_true", help="only check the cached engine; fail if missing or stale")
+    p.add_argument("--calibrate", type=Path, metavar="IMAGES",
+                   help="INT8: calibrate from these images, write tensorrt.calibration_cache, build the engine")
     p.set_defaults(func=cmd_engine)
 
     p = sub.add_parser("bench-gpu", help="GPU benchmark: engine, distance kernel vs cuBLAS, end to end")
