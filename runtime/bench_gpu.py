@@ -161,7 +161,7 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
     def tensorrt_engine() -> dict[str, object]:
         from patchline.runtime.tensorrt_engine import TensorRtEngine
 
-        engine = TensorRtEngine(artifact, settings=settings)
+        engine = TensorRtEngine(artifact, tensorrt=settings)
         return {"engine_file": engine.engine_file.name, **engine_latency(engine, input_shape, [1, batch], repeats)}
 
     def onnxruntime_cuda() -> dict[str, object]:
@@ -178,7 +178,7 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
         _part(results, f"distance_kernel_bank_{bank_rows}",
               lambda: kernel_vs_gemm(big_bank, [patches, patches * batch], device, repeats))
     _part(results, "end_to_end_tensorrt", lambda: end_to_end(artifact, "tensorrt", "cuda", batch, repeats,
-                                                             settings=settings))
+                                                             tensorrt=settings))
     _part(results, "end_to_end_onnxruntime_cuda", lambda: end_to_end(artifact, "onnxruntime", "cuda", batch, repeats,
                                                                      device="cuda"))
     return results

@@ -38,7 +38,6 @@ EXIT_CONFIG = 78  # sysexits' EX_CONFIG: a restart cannot help; the unit says Re
 READ_TIMEOUT_S = 0.5  # the longest the loop waits for a frame before it checks stop, triggers, watchdog
 STATUS_INTERVAL_S = 5.0
 FLUSH_TIMEOUT_S = 5.0
-TENSORRT_OPTION = {"tensorrt": "settings", "onnxruntime": "tensorrt"}  # engine → its keyword for RunConfig.tensorrt
 
 
 class Daemon:
@@ -55,12 +54,10 @@ class Daemon:
         self.roi_offset = (roi.x, roi.y) if roi else (0, 0)
         self.source = open_source(config.source)
         self.notifier = notifier or Notifier()
-        # The engines take the tensorrt section under different names; other engines have no use for it.
-        option = TENSORRT_OPTION.get(config.engine)
         with self.notifier.extending_start("loading the engine (a first TensorRT build takes minutes)"):
             self.inspector = Inspector(self.artifact, engine=config.engine, distance=config.distance,
                                        precision=config.precision, device=config.device, threads=config.threads,
-                                       **({option: config.tensorrt} if option else {}))
+                                       tensorrt=config.tensorrt)
         state = Path(config.state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self.seq = SeqCounter(state / f"{config.camera}.seq")

@@ -10,6 +10,7 @@ import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.bank_index import SEARCH_DIMS, read_index
+from patchline.runtime.config import TensorRtConfig
 from patchline.runtime.engine import accepted_options, create_engine
 from patchline.runtime.score import MemoryBank, anomaly_map, image_score
 
@@ -45,6 +46,7 @@ class Inspector:
         search_dims: int = SEARCH_DIMS,
         threads: int | None = None,
         model_file: str | None = None,
+        tensorrt: TensorRtConfig | None = None,
         **engine_options: object,
     ) -> None:
         if distance not in DISTANCES:
@@ -64,8 +66,10 @@ class Inspector:
                 raise ValueError(f"model file {self.model_file} runs on the onnxruntime engine; engine {engine!r} "
                                  f"runs {manifest.model.file}")
             engine_options["model_file"] = self.model_file
-        if threads is not None and "threads" in accepted:  # CPU threads: an engine without them ignores it
-            engine_options["threads"] = threads
+        # CPU threads and the TensorRT settings go to the engines that have a use for them.
+        for option, value in (("threads", threads), ("tensorrt", tensorrt)):
+            if value is not None and option in accepted:
+                engine_options[option] = value
         self.engine = create_engine(engine, self.artifact, **engine_options)
         self.checksum = self.artifact.checksum(self.model_file)  # the identity verdicts carry
         self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads,

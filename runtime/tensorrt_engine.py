@@ -37,7 +37,7 @@ class TensorRtEngine:
         self,
         artifact: Artifact,
         device: str = "cuda",
-        settings: TensorRtConfig | None = None,
+        tensorrt: TensorRtConfig | None = None,
         warm_up: bool = True,
     ) -> None:
         from patchline.runtime.cuda_device import CudaDevice
@@ -47,7 +47,7 @@ class TensorRtEngine:
         trt = tensorrt_module()
         import pycuda.driver as cuda  # importable now that CudaDevice found the driver
 
-        self.engine_file, self.built = prepare_engine(artifact, settings or TensorRtConfig(), self.device)
+        self.engine_file, self.built = prepare_engine(artifact, tensorrt or TensorRtConfig(), self.device)
         manifest = artifact.manifest
         self.input_name, self.output_name = manifest.preprocess.input_name, manifest.model.output_name
         with self.device.active():

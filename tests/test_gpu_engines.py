@@ -158,7 +158,7 @@ def test_tensorrt_engine_matches_cpu(small_artifact, tmp_path, precision: str, t
     artifact = load_artifact(small_artifact)
     settings = TensorRtConfig(precision=precision, batch_profile=(1, 2, 4), cache_dir=str(tmp_path),
                               workspace_mb=512)
-    engine = TensorRtEngine(artifact, settings=settings)
+    engine = TensorRtEngine(artifact, tensorrt=settings)
     assert engine.built and engine.engine_file.is_file() and engine.engine_file.with_suffix(".json").is_file()
     assert (engine.min_batch, engine.max_batch) == (1, 4)
     batch, want = reference_batch(artifact)
@@ -166,7 +166,7 @@ def test_tensorrt_engine_matches_cpu(small_artifact, tmp_path, precision: str, t
         assert relative_error(engine(batch[:n]), want[:n]) < tolerance
     six = np.concatenate([batch, batch])  # more than the profile's max: split into 4 + 2
     assert relative_error(engine(six), np.concatenate([want, want])) < tolerance
-    again = TensorRtEngine(artifact, settings=settings)
+    again = TensorRtEngine(artifact, tensorrt=settings)
     assert not again.built and again.engine_file == engine.engine_file
     assert list(tmp_path.glob("sm*/timing_trt*.cache")), "the timing cache is kept"
 
@@ -177,13 +177,13 @@ def test_tensorrt_engine_refuses_to_build_when_disabled(small_artifact, tmp_path
 
     settings = TensorRtConfig(cache_dir=str(tmp_path), build=False)
     with pytest.raises(EngineError, match="no engine has been built for it yet.*building is disabled"):
-        TensorRtEngine(load_artifact(small_artifact), settings=settings)
+        TensorRtEngine(load_artifact(small_artifact), tensorrt=settings)
 
 
 @needs_tensorrt_gpu
 def test_inspector_on_gpu_scores_like_cpu(small_artifact, sample_data, tmp_path) -> None:
     settings = TensorRtConfig(precision="fp32", cache_dir=str(tmp_path))
-    gpu = Inspector(small_artifact, engine="tensorrt", distance="cuda", settings=settings)
+    gpu = Inspector(small_artifact, engine="tensorrt", distance="cuda", tensorrt=settings)
     cpu = Inspector(small_artifact, device="cpu")
     for path in list_images(sample_data / "test")[:4]:
         image = read_image(path)

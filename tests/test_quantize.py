@@ -68,7 +68,7 @@ def test_tensorrt_calibration_builds_an_int8_engine_and_writes_its_cache(small_a
                               calibration_cache=str(cache))
     path, built = calibrate_engine(small_artifact, sample_data, settings, limit=8)
     assert built and path.is_file() and cache.stat().st_size > 0
-    engine = TensorRtEngine(load_artifact(small_artifact), settings=settings, warm_up=False)
+    engine = TensorRtEngine(load_artifact(small_artifact), tensorrt=settings, warm_up=False)
     assert engine.engine_file == path and not engine.built  # the engine key found the calibrated engine
 
 
