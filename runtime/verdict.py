@@ -113,6 +113,11 @@ def iso_utc(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def epoch_seconds(iso: str) -> float:
+    """The inverse of :func:`iso_utc`. Python 3.10's ``fromisoformat`` does not read the ``Z`` suffix (3.11's does)."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 def _finite(name: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value):

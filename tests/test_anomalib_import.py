@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+torch = pytest.importorskip("torch")  # the export extra: not in the runtime-only venv
 import timm
-import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 

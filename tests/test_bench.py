@@ -12,6 +12,7 @@ from tests.test_search import strip_index
 
 
 def test_bench_writes_results_and_table(small_artifact, sample_data, mosquitto, tmp_path, capsys):
+    pytest.importorskip("torch")  # --compare runs eager torch: the export extra is not in the runtime-only venv
     out = tmp_path / "results"
     main(["bench", "--artifact", str(small_artifact), "--images", str(sample_data), "--frames", "3", "--warmup", "1",
           "--variants", "plain,exact,approximate", "--threads", "2", "--compare", "--publish", f"127.0.0.1:{mosquitto.port}",

@@ -13,17 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL_OVERRIDES
+from tests.conftest import SMALL_OVERRIDES, export_python, patchline
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def patchline(*args: str, python: str = sys.executable, cwd: Path | None = None, check: bool = True):
-    result = subprocess.run([python, "-m", "patchline.runtime.cli", *args], capture_output=True, text=True,
-                            cwd=cwd, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"patchline {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +23,7 @@ def cli_artifact(sample_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "artifact"
     sets = [arg for o in SMALL_OVERRIDES for arg in ("--set", o)]
     result = patchline("export", "--images", str(sample_data), "--out", str(out), "--quiet",
-                       "--config", str(ROOT / "configs" / "default.yaml"), *sets)
+                       "--config", str(ROOT / "configs" / "default.yaml"), *sets, python=export_python())
     summary = json.loads(result.stdout)
     assert summary["images_used"] == 20 and summary["images_skipped"] == 0
     assert summary["bank"] == [2048, 192]
@@ -76,6 +68,7 @@ def test_bad_config_and_artifact_refuse_with_a_clear_message(tmp_path, sample_da
 
 
 def test_eval_prints_table_and_auroc(cli_artifact, sample_data, tmp_path):
+    pytest.importorskip("sklearn")  # the calibration extra: not in the runtime-only venv
     result = patchline("eval", "--artifact", str(cli_artifact), "--data", str(sample_data),
                        "--report", str(tmp_path / "report"))
     line = next(line for line in result.stdout.splitlines() if line.startswith("image AUROC"))

@@ -13,7 +13,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -32,18 +31,15 @@ from patchline.runtime.decision import Calibration
 from patchline.runtime.evidence import EvidenceStore
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.sources import open_source
-from patchline.runtime.verdict import SCHEMA_PATH
+from patchline.runtime.verdict import SCHEMA_PATH, epoch_seconds
 from tests.broker import Mosquitto, free_port
+from tests.conftest import needs_gstreamer
 from tests.video import write_video
 
 CAMERA = "cam1"
 # Frames of the test video: G good part, D the same part with a large defect.
 PATTERN = "GGGDDGGDGGDG"
 LIVE = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=128,height=128,framerate=10/1"
-
-
-def epoch(timestamp: str) -> float:
-    return datetime.fromisoformat(timestamp).timestamp()
 
 
 def good_part(seed: int) -> np.ndarray:
@@ -144,6 +140,7 @@ def finish(process: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str]:
     return process.returncode, output
 
 
+@needs_gstreamer
 def test_video_with_known_defects_gives_the_right_verdicts_on_the_broker(tmp_path, mosquitto, subscriber,
                                                                          calibrated_artifact):
     frames = [defective(good_part(i)) if kind == "D" else good_part(i) for i, kind in enumerate(PATTERN)]
@@ -183,6 +180,7 @@ def test_video_with_known_defects_gives_the_right_verdicts_on_the_broker(tmp_pat
     assert "source ended; stopping" in output and output.count(" INFO ") < 40  # events, not a line per frame
 
 
+@needs_gstreamer
 def test_notify_watchdog_health_metrics_and_sigterm(tmp_path, mosquitto, subscriber, small_artifact):
     """Under a real notify socket: READY after the first frame, WATCHDOG from the loop (also while the
     source is gone), /healthz follows the frames, /metrics counts, SIGTERM ends cleanly."""
@@ -257,11 +255,12 @@ def test_notify_watchdog_health_metrics_and_sigterm(tmp_path, mosquitto, subscri
     verdicts = subscriber.verdicts()
     assert [v["seq"] for v in verdicts] == list(range(1, len(verdicts) + 1))
     # No verdict stands for a frame that did not come: a gap while the stream was away.
-    stamps = [epoch(v["timestamp"]) for v in verdicts]
+    stamps = [epoch_seconds(v["timestamp"]) for v in verdicts]
     assert max(np.diff(stamps)) >= 2.0
     assert ready_at < gone_at
 
 
+@needs_gstreamer
 def test_trigger_mode_answers_each_part_and_reports_malformed_triggers(tmp_path, mosquitto, subscriber,
                                                                        small_artifact):
     config = run_config(tmp_path, small_artifact, mosquitto.port, {"kind": "gstreamer", "pipeline": LIVE},
@@ -288,7 +287,7 @@ def test_trigger_mode_answers_each_part_and_reports_malformed_triggers(tmp_path,
     first, second = subscriber.verdicts()
     assert (first["part_id"], second["part_id"]) == ("P-1", "P-2")
     assert [m.payload.decode() for m in subscriber.on("verdict/part_id")] == ["P-1", "P-2"]
-    assert epoch(first["timestamp"]) >= sent - 0.002  # a frame captured at or after the trigger (ms resolution)
+    assert epoch_seconds(first["timestamp"]) >= sent - 0.002  # a frame captured at or after the trigger (ms resolution)
     assert 0 <= first["frame_age_ms"] < 5000 and first["latency_ms"]["trigger_to_verdict"] > 0
     reply = [m for m in subscriber.messages if m.topic == "replies/plc7"]
     assert json.loads(reply[0].payload)["part_id"] == "P-1" and reply[0].properties.CorrelationData == b"\x01\x02"
@@ -296,6 +295,7 @@ def test_trigger_mode_answers_each_part_and_reports_malformed_triggers(tmp_path,
     assert error["error"] == "malformed_trigger" and "JSON" in error["detail"]
 
 
+@needs_gstreamer
 def test_wrong_credentials_exit_non_zero_with_a_clear_error(tmp_path, small_artifact):
     passwords = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "line", "right"], check=True,
@@ -367,6 +367,7 @@ def test_a_busy_metrics_port_names_the_setting():
         taken.close()
 
 
+@needs_gstreamer
 def test_the_example_line_config_is_valid_and_its_pipeline_parses():
     config = load_config(Path(__file__).parents[1] / "configs" / "line.yaml", [], model=RunConfig)
     assert config.source.kind == "gstreamer" and config.mqtt.password_credential == "mqtt-password"
@@ -381,6 +382,7 @@ def test_refuses_int8_when_the_artifact_has_no_int8_model(tmp_path, small_artifa
         Daemon(config)
 
 
+@needs_gstreamer
 def test_continuous_mode_answers_triggers_at_once_with_not_in_trigger_mode(tmp_path, mosquitto, subscriber,
                                                                             small_artifact):
     config = run_config(tmp_path, small_artifact, mosquitto.port, {"kind": "gstreamer", "pipeline": LIVE},

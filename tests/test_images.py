@@ -2,7 +2,6 @@ import cv2
 import numpy as np
 import pytest
 
-from patchline.export.fit import load_good_images
 from patchline.runtime.preprocess import (
     ImageError,
     Preprocessor,
@@ -58,7 +57,15 @@ def test_bad_files_name_path_and_reason(odd_folder, name, reason):
     assert name in str(err.value)
 
 
-def test_export_loader_skips_and_reports(odd_folder):
+@pytest.fixture()
+def load_good_images():
+    pytest.importorskip("torch")  # export's loader: the export extra is not in the runtime-only venv
+    from patchline.export.fit import load_good_images
+
+    return load_good_images
+
+
+def test_export_loader_skips_and_reports(odd_folder, load_good_images):
     folder, _ = odd_folder
     images, skipped = load_good_images(folder)
     assert len(images) == 5  # ok, gray, rgba, 16-bit tif, jpg
@@ -67,7 +74,7 @@ def test_export_loader_skips_and_reports(odd_folder):
     assert any("cut.jpg" in s for s in skipped) and any("cut.png" in s for s in skipped)
 
 
-def test_mvtec_category_uses_train_good(sample_data):
+def test_mvtec_category_uses_train_good(sample_data, load_good_images):
     images, skipped = load_good_images(sample_data)
     assert len(images) == 20 and not skipped
 

@@ -26,7 +26,7 @@ from patchline.runtime.config import MqttConfig, TlsConfig
 from patchline.runtime.decision import Decision
 from patchline.runtime.mqtt import MqttError, MqttSink, Topics, Trigger, parse_trigger, read_password
 from patchline.runtime import verdict as verdict_module
-from patchline.runtime.verdict import SCHEMA_PATH, SeqCounter, make_verdict
+from patchline.runtime.verdict import SCHEMA_PATH, SeqCounter, epoch_seconds, iso_utc, make_verdict
 from tests.broker import Mosquitto, free_port
 from tests.mqtt_child import CAMERA, sample_verdict
 
@@ -108,6 +108,7 @@ def test_verdict_payload_matches_schema_and_rejects_bad_values() -> None:
     uncalibrated = make_verdict(**dict(_args(), timestamp=0.0, decision=Decision(0.5, None, 1.0, "OK"), latency_ms={}))
     VALIDATOR.validate(uncalibrated)
     assert uncalibrated["timestamp"] == "1970-01-01T00:00:00.000Z" and uncalibrated["normalised_score"] is None
+    assert epoch_seconds(uncalibrated["timestamp"]) == 0.0 and epoch_seconds(iso_utc(1714564800.123)) == 1714564800.123
     bad = dict(v, verdict="MAYBE")
     assert not VALIDATOR.is_valid(bad)
     with pytest.raises(ValueError, match="score"):

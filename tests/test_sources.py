@@ -17,6 +17,7 @@ from patchline.runtime.config import SourceConfig
 from patchline.runtime.sources import (EndOfStream, SourceConfigError, open_source, opencv_has_gstreamer,
                                        reconnect_delay)
 from tests.broker import free_port
+from tests.conftest import needs_gstreamer
 from tests.video import corrupt_frames, grey_frames, write_video
 
 SOURCE = TypeAdapter(SourceConfig)
@@ -40,6 +41,7 @@ def grey_index(frame) -> int:
     return round((float(frame.image.mean()) - 10) / 10)
 
 
+@needs_gstreamer
 def test_videotestsrc_frames_are_rgb_with_capture_times():
     src = source(kind="gstreamer",
                  pipeline="videotestsrc is-live=true ! video/x-raw,width=161,height=120,framerate=30/1")
@@ -59,6 +61,7 @@ def test_videotestsrc_frames_are_rgb_with_capture_times():
     assert src.counters.frames == 5 and src.counters.stalls == 0
 
 
+@needs_gstreamer
 def test_filesrc_plays_to_end_of_stream_then_loops(tmp_path):
     video = write_video(tmp_path / "clip.avi", grey_frames(12), fps=30)
     pipeline = f"filesrc location={video} ! decodebin"
@@ -79,6 +82,7 @@ def test_filesrc_plays_to_end_of_stream_then_loops(tmp_path):
     assert seen.index(0, 1) > 0 and looping.counters.reconnects == 0  # back at frame 0, a loop not a failure
 
 
+@needs_gstreamer
 def test_corrupt_frames_in_a_stream_are_counted_and_skipped(tmp_path):
     video = write_video(tmp_path / "clip.avi", grey_frames(12), fps=30)
     corrupt_frames(video, [4, 5])
@@ -140,6 +144,7 @@ def test_roi_crops_and_refuses_a_region_outside_the_frame(tmp_path):
             outside.read(0.5)
 
 
+@needs_gstreamer
 def test_stalled_network_stream_is_detected_and_reconnected():
     """A real UDP/RTP stream whose sender freezes: a stall, reconnects, and no frame while it is frozen."""
     port = free_port()
@@ -177,6 +182,7 @@ def test_stalled_network_stream_is_detected_and_reconnected():
     assert len(after) > 5 and all(f.monotonic >= thawed_at for f in after)
 
 
+@needs_gstreamer
 def test_bad_pipeline_is_refused_at_start():
     with pytest.raises(SourceConfigError, match="nosuchelement"):
         source(kind="gstreamer", pipeline="nosuchelement ! fakesink")
