@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from patchline.runtime.artifact import PRECISIONS, ArtifactError
-from patchline.runtime.config import ConfigError, TensorRtConfig
+from patchline.runtime.config import ConfigError, RunConfig, TensorRtConfig, load_any_config
 from patchline.runtime.cuda_device import GpuUnavailable
 from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
 from patchline.runtime.inspector import DISTANCES
@@ -49,6 +49,28 @@ def cmd_export(args: argparse.Namespace) -> None:
     }))
 
 
+# Options of score, eval and engine that a run config also sets, with their defaults otherwise.
+SCORE_OPTIONS = {"artifact": None, "engine": "onnxruntime", "device": "auto", "distance": "cpu", "threads": None,
+                 "precision": "fp32"}
+ENGINE_OPTIONS = {"artifact": None, "device": "cuda"}
+
+
+def _settings(args: argparse.Namespace, options: dict[str, object]) -> tuple[TensorRtConfig, RunConfig | None]:
+    """--config's tensorrt section with --set applied, and the run config when --config is one.
+
+    A run config (`patchline run`'s, e.g. /etc/patchline/<camera>.yaml) also gives ``options`` their values
+    where the command line does not, and puts engines in the service's cache: the engine is the camera's."""
+    config = load_any_config(args.config, args.set)
+    run = config if isinstance(config, RunConfig) else None
+    for name, default in options.items():
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(run, name) if run else default)
+    if args.artifact is None:
+        raise SystemExit(f"patchline {args.command}: give --artifact, or a run config as --config")
+    args.artifact = Path(args.artifact)
+    return config.tensorrt, run
+
+
 def _prepare_engine(artifact_dir: Path, settings: TensorRtConfig, device: str) -> dict[str, object]:
     """Build (or check) the TensorRT engine for an artifact on this machine's GPU."""
     from patchline.runtime.artifact import load_artifact
@@ -63,9 +85,10 @@ def _prepare_engine(artifact_dir: Path, settings: TensorRtConfig, device: str) -
 
 
 def cmd_engine(args: argparse.Namespace) -> None:
-    from patchline.runtime.config import load_config
-
-    settings = load_config(args.config, args.set).tensorrt
+    settings, run = _settings(args, ENGINE_OPTIONS)
+    if run is not None and run.engine != "tensorrt":
+        raise ConfigError(f"{args.config}: camera {run.camera} runs engine {run.engine!r}, which loads no engine of "
+                          "`patchline engine`; set `engine: tensorrt` in it to run one")
     if args.check:
         settings = settings.model_copy(update={"build": False})
     if args.calibrate:
@@ -105,8 +128,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     from patchline.runtime.inspector import Inspector
     from patchline.runtime.overlay import heatmap_overlay, write_rgb
 
+    settings, _ = _settings(args, SCORE_OPTIONS)
     inspector = Inspector(args.artifact, engine=args.engine, distance=args.distance, device=args.device,
-                          threads=args.threads, precision=args.precision)
+                          threads=args.threads, precision=args.precision, tensorrt=settings)
     inspector.warm_up()
     failures = 0
     images = _expand(args.images)
@@ -138,9 +162,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     except ModuleNotFoundError as exc:
         raise _missing_extra(exc, "calibration") from exc
 
+    settings, _ = _settings(args, SCORE_OPTIONS)
     report_dir = args.report or args.artifact.parent / f"{args.artifact.name}-eval"
     report = evaluate_artifact(args.artifact, args.data, report_dir, args.precision, not args.no_int8,
-                               engine=args.engine, distance=args.distance, device=args.device, threads=args.threads)
+                               engine=args.engine, distance=args.distance, device=args.device, threads=args.threads,
+                               tensorrt=settings)
     calibrated = "threshold" in report
     print(f"{'image':<40} {'class':<15} {'score':>9} {'norm':>6} {'verdict':>7} {'ms':>8}")
     for item in report["images"]:
@@ -323,11 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("engine", help="build or check the TensorRT engine for an artifact on this machine's GPU")
-    p.add_argument("--artifact", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=None, help="YAML config whose tensorrt section is used")
+    p.add_argument("--artifact", type=Path, help="artifact folder (default: the run config's)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML config whose tensorrt section is used; a run config (/etc/patchline/<camera>.yaml) "
+                        "builds the engine that camera's service loads, in its cache")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
-    p.add_argument("--device", default="cuda", help="cuda or cuda:N")
+    p.add_argument("--device", help="cuda or cuda:N (default: the run config's, else cuda)")
     p.add_argument("--check", action="store_true", help="only check the cached engine; fail if missing or stale")
     p.add_argument("--calibrate", type=Path, metavar="IMAGES",
                    help="INT8: calibrate from these images, write tensorrt.calibration_cache, build the engine")
@@ -347,16 +375,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text in (("score", cmd_score, "score images with an artifact (JSON line per image)"),
                                   ("eval", cmd_eval, "score an MVTec-layout test set and report AUROC")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--artifact", type=Path, required=True)
-        p.add_argument("--device", choices=ORT_DEVICES, default="auto",
-                       help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider)")
-        p.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
-                       help="tensorrt: the cached TensorRT engine, built on first use (needs the 'gpu' extra)")
-        p.add_argument("--distance", choices=DISTANCES, default="cpu",
-                       help="where patches meet the memory bank: numpy, or the CUDA kernel")
-        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="run the fp32 model or its INT8 quantisation (patchline quantize)")
+        # Defaults are applied by _settings: a run config as --config fills what is not given here.
+        p.add_argument("--config", type=Path, default=None,
+                       help="YAML config whose tensorrt section is used; a run config (/etc/patchline/<camera>.yaml) "
+                            "also sets the options below that are not given, as that camera runs")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
+        p.add_argument("--artifact", type=Path, help="artifact folder (default: the run config's)")
+        p.add_argument("--device", choices=ORT_DEVICES,
+                       help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider); default auto")
+        p.add_argument("--engine", choices=["onnxruntime", "tensorrt"],
+                       help="tensorrt: the cached TensorRT engine, built on first use (a gpu extra); default onnxruntime")
+        p.add_argument("--distance", choices=DISTANCES,
+                       help="where patches meet the memory bank: numpy, or the CUDA kernel; default cpu")
+        p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+        p.add_argument("--precision", choices=PRECISIONS,
+                       help="run the fp32 model (default) or its INT8 quantisation (patchline quantize)")
         p.set_defaults(func=func)
         if name == "score":
             p.add_argument("images", type=Path, nargs="+", help="image files or folders")

@@ -14,12 +14,16 @@ import hashlib
 import json
 import logging
 import os
+import pwd
+import shlex
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from patchline.runtime.artifact import now_iso, sha256_file
+from patchline.runtime.config import TensorRtConfig, systemd_directory
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +79,13 @@ class EngineKey:
 
 
 def cache_directory(configured: str | Path | None = None) -> Path:
-    """``configured``, else systemd's CacheDirectory, else ``$XDG_CACHE_HOME/patchline`` (``~/.cache``); created."""
+    """``configured``, else systemd's CacheDirectory, else ``$XDG_CACHE_HOME/patchline`` (``~/.cache``); created.
+
+    A run config always configures it (config.RunTensorRtConfig: the service's cache)."""
     if configured:
         path = Path(configured)
-    elif os.environ.get(CACHE_ENV):
-        path = Path(os.environ[CACHE_ENV].split(":")[0])
+    elif systemd_directory(CACHE_ENV):
+        path = Path(systemd_directory(CACHE_ENV))
     else:
         path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchline"
     try:
@@ -89,6 +95,34 @@ def cache_directory(configured: str | Path | None = None) -> Path:
     if not os.access(path, os.W_OK):
         raise EngineError(f"{path}: engine cache directory is not writable by this user")
     return path
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a name (containers): sudo takes "#UID"
+        return f"#{uid}"
+
+
+def build_command(artifact_dir: Path, device: str, settings: TensorRtConfig, cache_dir: Path) -> str:
+    """The `patchline engine` command that builds the engine ``settings`` ask for into ``cache_dir``.
+
+    It runs as the cache's owner (the service's user for the service's cache), so that the service can
+    replace the files later; from the service itself, a person runs it from a shell."""
+    executable = Path(sys.executable).with_name("patchline")  # the console script of this environment
+    words = [str(executable) if executable.is_file() else "patchline", "engine",
+             "--artifact", str(artifact_dir.resolve()), "--device", device]
+    sets = {"cache_dir": cache_dir.resolve(), "precision": settings.precision,
+            "batch_profile": "[{},{},{}]".format(*settings.batch_profile), "workspace_mb": settings.workspace_mb,
+            "calibration_cache": settings.calibration_cache}
+    for name, value in sets.items():
+        if value is not None:
+            words += ["--set", f"tensorrt.{name}={value}"]
+    owner = _user_name(cache_dir.stat().st_uid)
+    as_service = "INVOCATION_ID" in os.environ  # systemd sets it for every unit it starts
+    if as_service or owner != _user_name(os.geteuid()):
+        words = ["sudo", "-u", owner, *words]
+    return shlex.join(words)
 
 
 def sidecar(engine: Path) -> Path:
@@ -161,12 +195,15 @@ def _exclusive(lock: Path) -> Iterator[None]:
 
 
 def ensure_engine(
-    cache_dir: Path, key: EngineKey, build: bool, make_plan: Callable[[], tuple[bytes, dict[str, object]]]
+    cache_dir: Path, key: EngineKey, build: bool, make_plan: Callable[[], tuple[bytes, dict[str, object]]],
+    fix_command: str,
 ) -> tuple[Path, bool]:
     """The path of a usable engine for ``key`` and whether it was built now.
 
     ``make_plan`` returns the serialised engine and facts to record with it; it is called only
-    when no usable engine is cached and ``build`` is true, otherwise the problem is raised.
+    when no usable engine is cached and ``build`` is true, otherwise the problem is raised, with
+    ``fix_command`` (:func:`build_command`): what builds the engine without building on the line.
+    Processes that need the same engine at once build it once: the others wait on its lock file.
     """
     path = cache_dir / key.file_name
     if engine_problem(path, key) is None:
@@ -177,7 +214,7 @@ def ensure_engine(
             return path, False
         if not build:
             raise EngineError(f"{path}: cannot use a cached TensorRT engine: {problem}; building is disabled "
-                              "(tensorrt.build: false), so build it on this box with `patchline engine --artifact DIR`")
+                              f"(tensorrt.build: false), so build it on this box with: {fix_command}")
         log.info("building TensorRT engine %s: %s", path.name, problem)
         plan, info = make_plan()
         write_engine(path, key, plan, info)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from patchline.runtime.artifact import Artifact, sha256_file
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.engine_cache import EngineError, EngineKey, cache_directory, ensure_engine, write_atomically
+from patchline.runtime.engine_cache import (EngineError, EngineKey, build_command, cache_directory, ensure_engine,
+                                            write_atomically)
 
 
 def tensorrt_module():  # noqa: ANN201 - the tensorrt module
@@ -165,9 +166,10 @@ def prepare_engine(artifact: Artifact, settings: TensorRtConfig, device: object,
                                     work_dir, calibrator)
         return plan, {**info, "gpu": device.name, "model_id": manifest.model_id}
 
+    fix = build_command(artifact.folder, f"cuda:{device.index}", settings, cache_dir)
     if calibrator is None:
         key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
-        return ensure_engine(cache_dir, key, settings.build, make_plan)
+        return ensure_engine(cache_dir, key, settings.build, make_plan, fix)
     built = make_plan()
     key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
-    return ensure_engine(cache_dir, key, True, lambda: built)
+    return ensure_engine(cache_dir, key, True, lambda: built, fix)

@@ -67,6 +67,17 @@ def test_bad_config_and_artifact_refuse_with_a_clear_message(tmp_path, sample_da
     assert result.returncode != 0 and "missing manifest.json" in result.stderr
 
 
+def test_score_with_a_run_config_scores_as_that_camera(cli_artifact, sample_data, tmp_path):
+    """`--config /etc/patchline/<camera>.yaml`: the camera's artifact and settings, without repeating them."""
+    run = tmp_path / "cam1.yaml"
+    run.write_text(json.dumps({"camera": "cam1", "artifact": str(cli_artifact), "device": "cpu",
+                               "source": {"kind": "folder", "path": str(tmp_path)}}))
+    image = str(sample_data / "test" / "good" / "000.png")
+    by_config = json.loads(patchline("score", "--config", str(run), image).stdout)
+    by_options = json.loads(patchline("score", "--artifact", str(cli_artifact), "--device", "cpu", image).stdout)
+    assert by_config["score"] == by_options["score"] > 0
+
+
 def test_eval_prints_table_and_auroc(cli_artifact, sample_data, tmp_path):
     pytest.importorskip("sklearn")  # the calibration extra: not in the runtime-only venv
     result = patchline("eval", "--artifact", str(cli_artifact), "--data", str(sample_data),
