@@ -82,13 +82,15 @@ PREFIX ?= /opt/patchline
 UNIT_DIR ?= /etc/systemd/system
 install: system-deps
 	id -u patchline >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent \
-	  --shell /usr/sbin/nologin --user-group --groups video patchline
+	  --shell /usr/sbin/nologin --user-group --groups video$$(getent group render >/dev/null && echo ,render) patchline
 	$(PYTHON) -m venv --system-site-packages $(PREFIX)/venv
 	$(PREFIX)/venv/bin/pip install -q -c constraints.txt '.[$(RUNTIME_EXTRA)]'
 	install -d -m 0755 /etc/patchline
 	install -d -m 0700 /etc/credstore
 	install -m 0644 configs/line.yaml /etc/patchline/example.yaml.sample
 	sed 's|/opt/patchline|$(PREFIX)|g' deploy/patchline@.service > $(UNIT_DIR)/patchline@.service
+	install -m 0644 deploy/patchline-nvidia-devices.service $(UNIT_DIR)/
+	install -d -m 0755 -o patchline -g patchline /var/cache/patchline  # the cameras' shared engine cache
 	systemctl daemon-reload 2>/dev/null || true
 
 clean:

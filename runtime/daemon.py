@@ -24,6 +24,7 @@ from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import ConfigError, RunConfig
 from patchline.runtime.decision import decide
 from patchline.runtime.evidence import EvidenceStore
+from patchline.runtime.gpu_preflight import preflight
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.metrics import Metrics, MetricsServer
 from patchline.runtime.mqtt import MqttSink, Trigger
@@ -45,6 +46,7 @@ class Daemon:
 
     def __init__(self, config: RunConfig, notifier: Notifier | None = None) -> None:
         self.config = config
+        preflight(config)  # a GPU this process cannot open: the node and the fix, not CUDA's "no device"
         self.artifact = load_artifact(config.artifact)
         self.calibration = self.artifact.manifest.calibration
         if self.calibration is None and config.threshold is None:
