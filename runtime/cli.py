@@ -1,7 +1,7 @@
 """The ``patchline`` command: one entry point, a subcommand per job.
 
 Build-time subcommands (export, eval, sample-data) import torch/scikit-learn lazily so
-the edge install (``pip install patchline``) can still run ``score`` and ``run``.
+the edge install (``pip install 'patchline[cpu]'``) can still run ``score`` and ``run``.
 """
 
 from __future__ import annotations
