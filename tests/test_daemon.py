@@ -314,6 +314,27 @@ def test_wrong_credentials_exit_non_zero_with_a_clear_error(tmp_path, small_arti
     assert "refused the connection" in output and "Not authorized" in output, output
 
 
+def test_images_dropped_into_a_folder_get_verdicts_on_the_broker(tmp_path, mosquitto, subscriber, calibrated_artifact):
+    """The daemon end to end without GStreamer, so also on Python 3.10 (`make test`): a good part, then a defect."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = run_config(tmp_path, calibrated_artifact, mosquitto.port,
+                        {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.1})
+    daemon = start_daemon(config)
+    try:
+        for count, image in enumerate([good_part(200), defective(good_part(201))], start=1):
+            cv2.imwrite(str(tmp_path / "part.png"), image[..., ::-1])
+            os.replace(tmp_path / "part.png", inbox / f"{count}.png")  # whole files only, as a camera's FTP drop does
+            subscriber.wait_for(lambda: len(subscriber.verdicts()) == count, timeout=90)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+    code, output = finish(daemon)
+    assert code == 0, output
+    verdicts = subscriber.verdicts()
+    assert [(v["seq"], v["verdict"]) for v in verdicts] == [(1, "OK"), (2, "NG")]
+    assert [m.payload for m in subscriber.on("available")][-1] == b"stopped"
+
+
 def test_refuses_to_start_without_calibration_or_threshold(tmp_path, small_artifact):
     config = RunConfig.model_validate({"camera": CAMERA, "artifact": str(small_artifact), "state_dir": str(tmp_path),
                                        "source": {"kind": "folder", "path": str(tmp_path)}})
