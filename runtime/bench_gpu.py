@@ -14,6 +14,7 @@ reason and the rest still runs. Results are written as JSON (default under bench
 
 from __future__ import annotations
 
+import importlib
 import logging
 import platform
 import time
@@ -129,13 +130,21 @@ def end_to_end(artifact: Artifact, engine: str, distance: str, batch: int, repea
     }
 
 
-def _versions() -> dict[str, str]:
+# Where each library keeps its version string: pycuda has no __version__.
+VERSION_ATTRIBUTES = {"tensorrt": "__version__", "pycuda": "VERSION_TEXT", "onnxruntime": "__version__",
+                      "cupy": "__version__"}
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries the GPU path uses; never raises (no GPU is needed to read them)."""
     versions = {"python": platform.python_version(), "numpy": np.__version__}
-    for module in ("tensorrt", "pycuda", "onnxruntime", "cupy"):
+    for name, attribute in VERSION_ATTRIBUTES.items():
         try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
-            versions[module] = "not installed"
+            module = importlib.import_module(name)
+        except ImportError as exc:  # also a TensorRT whose libnvinfer is missing
+            versions[name] = f"not importable ({exc})"
+            continue
+        versions[name] = str(getattr(module, attribute, f"unknown (no {name}.{attribute})"))
     return versions
 
 
@@ -152,7 +161,7 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
     input_shape = (3, *manifest.preprocess.input_size)
     results: dict[str, object] = {
         "device": device.describe(),
-        "versions": _versions(),
+        "versions": library_versions(),
         "model": {"model_id": manifest.model_id, "input": list(input_shape), "patches_per_image": patches,
                   "bank": list(artifact.bank.shape), "tensorrt_precision": settings.precision},
         "repeats": repeats,
