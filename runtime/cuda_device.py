@@ -8,12 +8,36 @@ any thread (one at a time). pycuda is imported here, so import this module lazil
 
 from __future__ import annotations
 
+import ctypes
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class GpuUnavailable(RuntimeError):
     """No usable CUDA GPU: the message says what is missing."""
+
+
+def driver_facts() -> str:
+    """The NVIDIA driver's release and the newest CUDA it supports, in words, for error messages.
+
+    Read from the kernel module and libcuda directly: this is what explains why CUDA libraries built
+    for a newer CUDA cannot start, and it must work where pycuda cannot.
+    """
+    try:
+        found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", Path("/proc/driver/nvidia/version").read_text())
+        release = f"NVIDIA driver {found.group(1)}" if found else "an NVIDIA driver of unknown release"
+    except OSError:  # Jetson's driver has no such file
+        release = None
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return f"{release}, but libcuda.so.1 cannot be loaded" if release else "no NVIDIA driver (no libcuda.so.1)"
+    version = ctypes.c_int(0)
+    supports = (f"supporting CUDA up to {version.value // 1000}.{version.value % 1000 // 10}"
+                if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else "not reporting its CUDA version")
+    return f"{release or 'an NVIDIA driver (release unknown)'}, {supports}"
 
 
 def device_index(device: str | int) -> int:

@@ -19,10 +19,10 @@ from patchline.runtime.engine_cache import EngineError
 
 def load_engine(path: Path):  # noqa: ANN201 - (trt.ICudaEngine, trt.Runtime)
     """Deserialise an engine file; TensorRT's own refusal (version, device) becomes an EngineError."""
-    from patchline.runtime.trt_build import tensorrt_module
+    from patchline.runtime.trt_build import construct, tensorrt_module
 
     trt = tensorrt_module()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime = construct(trt, trt.Runtime)
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
         raise EngineError(f"{path}: TensorRT {trt.__version__} could not deserialise this engine (its log above "

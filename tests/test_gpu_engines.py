@@ -106,6 +106,15 @@ def test_tensorrt_inspector_with_cpu_threads_fails_only_on_the_missing_gpu(small
         Inspector(small_artifact, engine="tensorrt", threads=2)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_tensorrt_int8_calibration_without_tensorrt_says_what_is_missing(small_artifact, tmp_path) -> None:
+    from patchline.calibration.tensorrt_calibrator import calibrate_engine
+
+    settings = TensorRtConfig(precision="int8", calibration_cache=str(tmp_path / "calibration.cache"))
+    with pytest.raises(EngineError, match="TensorRT's Python package cannot be imported.*'gpu' extra"):
+        calibrate_engine(small_artifact, tmp_path, settings)
+
+
 def test_gpu_libraries_are_imported_lazily() -> None:
     code = ("import sys\n"
             "import patchline.runtime.cli, patchline.runtime.engine, patchline.runtime.inspector\n"
