@@ -286,16 +286,19 @@ def cmd_run(args: argparse.Namespace) -> None:
     from patchline.runtime.sources import SourceConfigError
 
     # What is refused here is a configuration problem that a restart cannot fix: EX_CONFIG, no restart loop.
+    # That includes the GPU: no driver or device, TensorRT that cannot start on this driver, the kernel not
+    # compiling, the model not fitting in (device) memory.
     daemon = None
     try:
         daemon = Daemon(load_config(args.config, args.set, model=RunConfig))
         signal.signal(signal.SIGTERM, daemon.request_stop)
         signal.signal(signal.SIGINT, daemon.request_stop)
         daemon.start()
-    except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError) as exc:
+    except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError, GpuUnavailable,
+            MemoryError) as exc:
         if daemon is not None:
             daemon.shutdown()
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", str(exc) or type(exc).__name__)
         sys.exit(EXIT_CONFIG)
     try:
         code = daemon.run()

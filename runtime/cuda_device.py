@@ -16,7 +16,8 @@ from pathlib import Path
 
 
 class GpuUnavailable(RuntimeError):
-    """No usable CUDA GPU: the message says what is missing."""
+    """The GPU cannot do this job: no driver or device, a GPU library that cannot start, out of device
+    memory, a kernel that does not compile. The message says which."""
 
 
 def driver_facts() -> str:
@@ -71,24 +72,39 @@ class CudaDevice:
         if not 0 <= index < count:
             raise GpuUnavailable(f"CUDA device {index} asked for, but this machine has {count}")
         self.index = index
-        self.device = cuda.Device(index)
-        self.context = self.device.retain_primary_context()
-        self.name: str = self.device.name()
-        major, minor = self.device.compute_capability()
-        self.compute_capability = f"{major}.{minor}"
-        self.sm_count: int = self.device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
-        self.driver_version: int = cuda.get_driver_version()
+        self.name = f"#{index}"  # until the device says its name, for errors
+        with self._errors():
+            self.device = cuda.Device(index)
+            self.context = self.device.retain_primary_context()
+            self.name = self.device.name()
+            major, minor = self.device.compute_capability()
+            self.compute_capability = f"{major}.{minor}"
+            self.sm_count: int = self.device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
+            self.driver_version: int = cuda.get_driver_version()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        # pycuda's errors (its MemoryError, CompileError, LogicError, ...) are not Python's: callers that
+        # refuse to start on a GPU problem see one kind, GpuUnavailable, naming the device.
+        import pycuda.driver as cuda
+
+        try:
+            yield
+        except cuda.Error as exc:
+            raise GpuUnavailable(f"CUDA device {self.index} ({self.name}): {type(exc).__name__}: {exc}") from exc
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Make this device's primary context current on the calling thread for the block."""
+        """Make this device's primary context current on the calling thread for the block; pycuda errors
+        raised in it become GpuUnavailable."""
         import pycuda.driver as cuda
 
-        self.context.push()
-        try:
-            yield
-        finally:
-            cuda.Context.pop()
+        with self._errors():
+            self.context.push()
+            try:
+                yield
+            finally:
+                cuda.Context.pop()
 
     def describe(self) -> dict[str, object]:
         return {"index": self.index, "name": self.name, "compute_capability": self.compute_capability,

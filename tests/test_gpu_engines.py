@@ -106,6 +106,19 @@ def test_tensorrt_inspector_with_cpu_threads_fails_only_on_the_missing_gpu(small
         Inspector(small_artifact, engine="tensorrt", threads=2)
 
 
+@pytest.mark.skipif(GPU_REASON is None, reason="a GPU is present")
+@pytest.mark.parametrize("gpu_part", [{"distance": "cuda"}, {"engine": "tensorrt"}])
+def test_run_without_a_usable_gpu_exits_78_saying_why(small_artifact, tmp_path, gpu_part) -> None:
+    """A GPU problem at start is one a restart cannot fix: EX_CONFIG, so systemd does not restart-loop."""
+    from tests.test_daemon import finish, run_config, start_daemon
+
+    config = run_config(tmp_path, small_artifact, 1883, {"kind": "folder", "path": str(tmp_path)}, threshold=1.0,
+                        **gpu_part)
+    code, output = finish(start_daemon(config))
+    assert code == 78, output
+    assert "cannot start: pycuda cannot be imported" in output and "Traceback" not in output, output
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
 def test_tensorrt_int8_calibration_without_tensorrt_says_what_is_missing(small_artifact, tmp_path) -> None:
     from patchline.calibration.tensorrt_calibrator import calibrate_engine
