@@ -15,6 +15,7 @@ from pathlib import Path
 from patchline.runtime.artifact import PRECISIONS, ArtifactError
 from patchline.runtime.config import ConfigError, TensorRtConfig
 from patchline.runtime.cuda_device import GpuUnavailable
+from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
 from patchline.runtime.inspector import DISTANCES
 from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images, list_images
@@ -115,7 +116,12 @@ def cmd_score(args: argparse.Namespace) -> None:
             failures += 1
             print(json.dumps({"path": str(path), "error": rgb.reason}), flush=True)
             continue
-        result = inspector.inspect(rgb)
+        try:
+            result = inspector.inspect(rgb)
+        except NonFiniteError as exc:  # fail closed, but score the other images
+            failures += 1
+            print(json.dumps({"path": str(path), "error": str(exc)}), flush=True)
+            continue
         line = {
             "path": str(path),
             "score": round(result.score, 6),

@@ -20,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from patchline.runtime.distance import NonFiniteError
+
 KERNEL_FILE = Path(__file__).parent / "kernels" / "euclidean_topk.cu"
 # Past 16 the per-thread lists no longer fit in registers (ptxas spills them; tests/test_gpu_kernel.py).
 MAX_K = 16
 PRECISIONS = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+FP16_MAX = float(np.finfo(np.float16).max)
 _SUFFIX = {"fp32": "f32", "fp16": "f16"}
 
 
@@ -67,6 +70,17 @@ class QueryPlan:
 def padded_dim(dim: int, precision: str) -> int:
     # half2 loads need every row to start on a 4-byte boundary: an odd FP16 row gets a zero column.
     return dim + dim % 2 if precision == "fp16" else dim
+
+
+def check_range(rows: np.ndarray, precision: str, what: str) -> None:
+    """Refuse rows the precision cannot hold: cast to FP16, a value beyond ±65504 (or NaN) becomes a
+    non-finite half, and no distance to it means anything. Raises NonFiniteError naming ``what``."""
+    if precision != "fp16" or rows.size == 0:
+        return
+    peak = float(np.abs(rows).max())
+    if not peak <= FP16_MAX:  # also NaN
+        raise NonFiniteError(f"{what}: largest magnitude {peak:.6g} is beyond FP16's range (±{FP16_MAX:.0f}), so the "
+                             "FP16 distance kernel cannot take it; use distance cuda (FP32)")
 
 
 def prepare_rows(rows: np.ndarray, precision: str) -> np.ndarray:
@@ -136,6 +150,7 @@ class GpuNearest:
         self.device = device if isinstance(device, CudaDevice) else CudaDevice(device or "cuda")
         import pycuda.driver as cuda  # importable now that CudaDevice found the driver
 
+        check_range(bank, precision, "the memory bank")
         self.precision = precision
         self.shape = bank.shape
         self.dim = padded_dim(bank.shape[1], precision)
@@ -205,6 +220,7 @@ class GpuNearest:
         import pycuda.driver as cuda
 
         check_query(x, self.shape, k)
+        check_range(x, self.precision, "the patch embeddings")
         plan = plan_queries(x.shape[0], self.shape[0], self.dim, k, self.precision, self.device.sm_count)
         buffers = {name: self._buffer(name, *spec) for name, spec in plan.buffers.items()}
         staged = self._pinned("x", *plan.buffers["x"])

@@ -128,6 +128,39 @@ def test_emulated_kernel_breaks_ties_by_index(emulated) -> None:
     assert len(set(got_d[0, :4])) == 1
 
 
+@pytest.mark.parametrize("precision,rtol", [("fp32", FP32_RTOL), ("fp16", FP16_RTOL)])
+def test_emulated_kernel_never_makes_a_non_finite_query_near(emulated, precision: str, rtol: float) -> None:
+    """fmaxf(NaN, 0) is 0: a NaN query row came out as a perfect match (distance 0). NaN, ±inf and a value whose
+    square overflows give +inf distances (with real bank rows, so indexing by them is safe); other rows are as before."""
+    rng = np.random.default_rng(11)
+    x, bank = rows(rng, 70, 40), rows(rng, 150, 40)
+    overflow = 1e20 if precision == "fp32" else 7e4  # |x|² beyond float32; beyond FP16 (cast to inf)
+    bad = [3, 10, 20, 33]
+    x[bad, 5] = [np.nan, np.inf, -np.inf, overflow]
+    good = np.setdiff1d(np.arange(len(x)), bad)
+    for k in (1, 9):
+        with np.errstate(over="ignore"):  # the FP16 cast of 7e4, which is the point
+            got_d, got_i = emulated[k].nearest(x, bank, precision, 32)
+        assert np.isposinf(got_d[bad]).all(), got_d[bad]
+        assert ((0 <= got_i[bad]) & (got_i[bad] < len(bank))).all()
+        assert_same_neighbours(x[good], bank, got_d[good], got_i[good], k, rtol)
+
+
+def test_fp16_range_is_checked_before_upload() -> None:
+    """Cast to FP16, 7e4 would become inf on the GPU: refused on the host, naming what and how large."""
+    from patchline.runtime.distance import NonFiniteError
+    from patchline.runtime.gpu_distance import FP16_MAX, check_range
+
+    x = np.ones((4, 8), np.float32)
+    x[2, 3] = -FP16_MAX
+    check_range(x, "fp16", "the patch embeddings")  # the largest half is fine
+    for value, shown in ((7e4, "70000"), (np.nan, "nan"), (np.inf, "inf")):
+        x[1, 1] = value
+        with pytest.raises(NonFiniteError, match=f"the patch embeddings: largest magnitude {shown} is beyond FP16"):
+            check_range(x, "fp16", "the patch embeddings")
+        check_range(x, "fp32", "the patch embeddings")  # FP32 uploads as is; the kernel makes such rows infinitely far
+
+
 def test_query_checks() -> None:
     from patchline.runtime.gpu_distance import check_query
 

@@ -157,8 +157,11 @@ __device__ __forceinline__ void topk_tiles(const T* __restrict__ x, const float*
             for (int j = 0; j < 4; ++j) {
                 const int r = ty + 16 * i, c = tx + 16 * j;
                 const int q = q0 + r, b = b0 + c;
-                // Rounding can push the distance of near-identical rows below zero, as on the CPU.
-                dist[r][c] = (q < n && b < m) ? fmaxf(x_sq[q] + bank_sq[b] - 2.0f * acc[i][j], 0.0f) : INFINITY;
+                const float d = (q < n && b < m) ? x_sq[q] + bank_sq[b] - 2.0f * acc[i][j] : INFINITY;
+                // Rounding can push the distance of near-identical rows below zero, as on the CPU. A NaN
+                // (a non-finite query or bank row) becomes +inf, never 0, which fmaxf(NaN, 0) would give:
+                // such a query's k nearest are all infinitely far, and the host refuses the frame.
+                dist[r][c] = isnan(d) ? INFINITY : fmaxf(d, 0.0f);
             }
         __syncthreads();
         // No barrier after the fold: the next tile writes dist only after its first staging
