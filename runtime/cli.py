@@ -134,6 +134,7 @@ def cmd_score(args: argparse.Namespace) -> None:
             write_rgb(out, heatmap_overlay(rgb, result.anomaly_map))
             line["heatmap"] = str(out)
         print(json.dumps(line), flush=True)
+    inspector.close()
     if failures:
         sys.exit(1)
 

@@ -131,6 +131,7 @@ class Daemon:
         """Answer waiting triggers, write queued evidence, flush verdicts, publish ``stopped``."""
         self.notifier.stopping("stopping: flushing verdicts")
         self.source.close()
+        self.inspector.close()  # GPU memory is freed here, in its context, not left to the interpreter's exit
         with self._trigger_lock:
             self._stopping = True
             pending, self._triggers = list(self._triggers), deque()

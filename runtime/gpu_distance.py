@@ -245,6 +245,20 @@ class GpuNearest:
             self.stream.synchronize()
         return out_d.copy(), out_i.astype(np.int64)
 
+    def close(self) -> None:
+        """Free the bank, the buffers, the stream and the compiled modules now, in this device's context.
+
+        pycuda frees an object when its last reference goes, and only if its context can be made current
+        there: at exit or on another thread it cannot, and the memory leaks (with a warning). Not usable after."""
+        if self.stream is None:
+            return
+        with self.device.active():
+            for allocation in [self._bank, self._bank_sq, *(held for held, _ in self._device_buffers.values())]:
+                allocation.free()
+            # The last references to pinned buffers, stream and modules go here, so they are freed in the context.
+            self._device_buffers, self._host_buffers, self._functions, self._modules = {}, {}, {}, {}
+            self._bank = self._bank_sq = self.stream = None
+
     def time_kernels(self, x: np.ndarray, k: int, repeats: int) -> list[float]:
         """Device time in ms of the query launches alone (queries uploaded once), for the benchmark."""
         import pycuda.driver as cuda

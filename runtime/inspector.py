@@ -11,6 +11,7 @@ import numpy as np
 from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.bank_index import SEARCH_DIMS, read_index
 from patchline.runtime.config import TensorRtConfig
+from patchline.runtime.cuda_device import CudaDevice
 from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.engine import accepted_options, create_engine
 from patchline.runtime.score import MemoryBank, anomaly_map, image_score
@@ -87,8 +88,18 @@ class Inspector:
         if distance != "cpu":
             from patchline.runtime.gpu_distance import GpuNearest
 
-            self.gpu_bank = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32")
+            # The kernel runs on the TensorRT engine's GPU (ONNX Runtime's CUDA provider uses GPU 0, the default)
+            # and keeps its compiled modules in the configured engine cache.
+            gpu = getattr(self.engine, "device", None)
+            self.gpu_bank = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32",
+                                       gpu if isinstance(gpu, CudaDevice) else None, tensorrt and tensorrt.cache_dir)
         self.num_neighbors = manifest.num_neighbors
+
+    def close(self) -> None:
+        """Free the GPU memory of the engine and the distance kernel now, in their context (see CudaDevice)."""
+        for part in (self.engine, self.gpu_bank):
+            if hasattr(part, "close"):
+                part.close()
 
     def warm_up(self) -> None:
         height, width = self.preprocess.image_size

@@ -200,6 +200,23 @@ def test_gpu_kernel_matches_cpu(gpu, tmp_path, precision: str, rtol: float) -> N
     assert any((tmp_path / "kernels").iterdir()), "compiled modules are cached on disk"
 
 
+def test_gpu_memory_is_freed_by_close_on_another_thread(gpu, tmp_path) -> None:
+    """pycuda frees only where its context is current: close() makes it so, on whichever thread calls it."""
+    import pycuda.driver as cuda
+
+    from patchline.runtime.gpu_distance import GpuNearest
+
+    rng = np.random.default_rng(9)
+    with gpu.active():
+        free_before = cuda.mem_get_info()[0]
+    gpu_nearest = GpuNearest(rows(rng, 40000, 384), "fp32", gpu, cache_dir=tmp_path)  # a 61 MB bank
+    gpu_nearest.nearest(rows(rng, 784, 384), 9)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(gpu_nearest.close).result()
+    with gpu.active():
+        assert cuda.mem_get_info()[0] >= free_before - (8 << 20)
+
+
 def test_gpu_kernel_timing(gpu, tmp_path) -> None:
     from patchline.runtime.gpu_distance import GpuNearest
 
