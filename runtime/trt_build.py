@@ -19,7 +19,8 @@ from pathlib import Path
 from patchline.runtime.artifact import Artifact, sha256_file
 from patchline.runtime.config import TensorRtConfig
 from patchline.runtime.cuda_device import GpuUnavailable, driver_facts
-from patchline.runtime.engine_cache import EngineError, EngineKey, cache_directory, ensure_engine, write_atomically
+from patchline.runtime.engine_cache import (EngineError, EngineKey, cache_directory, ensure_engine, gpu_tag,
+                                             write_atomically)
 
 
 def tensorrt_module():  # noqa: ANN201 - the tensorrt module
@@ -88,7 +89,8 @@ def network_flags(trt) -> int:  # noqa: ANN001
     return 0
 
 
-def engine_key(artifact: Artifact, settings: TensorRtConfig, tensorrt_version: str, compute_capability: str) -> EngineKey:
+def engine_key(artifact: Artifact, settings: TensorRtConfig, tensorrt_version: str, device: object) -> EngineKey:
+    """The key of ``artifact``'s engine built with ``settings`` by this TensorRT on ``device`` (a CudaDevice)."""
     calibration = None
     if settings.precision == "int8":
         if not settings.calibration_cache:
@@ -104,7 +106,8 @@ def engine_key(artifact: Artifact, settings: TensorRtConfig, tensorrt_version: s
         precision=settings.precision,
         batch_profile=settings.batch_profile,
         tensorrt=tensorrt_version,
-        compute_capability=compute_capability,
+        compute_capability=device.compute_capability,
+        gpu=device.name,
         calibration_sha256=calibration,
     )
 
@@ -212,7 +215,7 @@ def prepare_engine(artifact: Artifact, settings: TensorRtConfig, device: object,
         require_int8_calibration(trt)
     cache_dir = cache_directory(settings.cache_dir)
     manifest = artifact.manifest
-    work_dir = cache_dir / f"sm{device.compute_capability.replace('.', '')}"
+    work_dir = cache_dir / gpu_tag(device.compute_capability, device.name)  # the timing cache is per GPU model
     work_dir.mkdir(exist_ok=True)
 
     def make_plan() -> tuple[bytes, dict[str, object]]:
@@ -223,8 +226,8 @@ def prepare_engine(artifact: Artifact, settings: TensorRtConfig, device: object,
         return plan, {**info, "gpu": device.name, "model_id": manifest.model_id}
 
     if calibrator is None:
-        key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
+        key = engine_key(artifact, settings, trt.__version__, device)
         return ensure_engine(cache_dir, key, settings.build, make_plan)
     built = make_plan()
-    key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
+    key = engine_key(artifact, settings, trt.__version__, device)
     return ensure_engine(cache_dir, key, True, lambda: built)
