@@ -141,3 +141,17 @@ def test_tensorrt_config_section() -> None:
         load_config(None, ["tensorrt.batch_profile=[4, 2, 8]"])
     with pytest.raises(ConfigError, match="tensorrt.precision"):
         load_config(None, ["tensorrt.precision=int4"])
+
+
+def test_tensorrt_paths_in_a_config_file_are_relative_to_it(tmp_path, monkeypatch) -> None:
+    """Under systemd the working directory is /: a relative calibration_cache must not resolve against it."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "line.yaml").write_text("tensorrt: {calibration_cache: int8.cache, cache_dir: engines}\n")
+    monkeypatch.chdir("/")
+    settings = load_config(folder / "line.yaml").tensorrt
+    assert (settings.calibration_cache, settings.cache_dir) == (str(folder / "int8.cache"), str(folder / "engines"))
+    absolute = load_config(folder / "line.yaml", [f"tensorrt.cache_dir={tmp_path / 'elsewhere'}"]).tensorrt
+    assert absolute.cache_dir == str(tmp_path / "elsewhere")
+    given = load_config(folder / "line.yaml", ["tensorrt.calibration_cache=here.cache"]).tensorrt
+    assert given.calibration_cache == "here.cache"  # --set: relative to the shell's working directory, as typed
