@@ -113,7 +113,7 @@ def plan_queries(n: int, m: int, dim: int, k: int, precision: str, sm_count: int
         Launch(f"sq_norms_{suffix}", (n, 1), g["NORM_THREADS"], ("x", dim, "x_sq")),
         Launch(f"euclidean_topk_{suffix}", (query_blocks, slices), g["THREADS"],
                ("x", "x_sq", "bank", "bank_sq", n, m, dim, per_slice, "part_d", "part_i")),
-        Launch("merge_topk", (math.ceil(n / g["MERGE_THREADS"]), 1), g["MERGE_THREADS"],
+        Launch("merge_topk", (math.ceil(n / g["MERGE_ROWS"]), 1), g["MERGE_THREADS"],
                ("part_d", "part_i", n, lists, "out_d", "out_i")),
     )
     f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
