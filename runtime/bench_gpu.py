@@ -129,11 +129,13 @@ def end_to_end(artifact: Artifact, engine: str, distance: str, batch: int, repea
     }
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "numpy": np.__version__}
-    for module in ("tensorrt", "pycuda", "onnxruntime", "cupy"):
+    # pycuda has no __version__, only VERSION_TEXT
+    for module, attribute in (("tensorrt", "__version__"), ("pycuda", "VERSION_TEXT"), ("onnxruntime", "__version__"),
+                              ("cupy", "__version__")):
         try:
-            versions[module] = __import__(module).__version__
+            versions[module] = getattr(__import__(module), attribute)
         except ImportError:
             versions[module] = "not installed"
     return versions
@@ -152,7 +154,7 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
     input_shape = (3, *manifest.preprocess.input_size)
     results: dict[str, object] = {
         "device": device.describe(),
-        "versions": _versions(),
+        "versions": library_versions(),
         "model": {"model_id": manifest.model_id, "input": list(input_shape), "patches_per_image": patches,
                   "bank": list(artifact.bank.shape), "tensorrt_precision": settings.precision},
         "repeats": repeats,
