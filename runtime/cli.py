@@ -89,6 +89,16 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
     print(f"results written to {path}", file=sys.stderr)
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> None:
+    from patchline.runtime.gpu_check import run_check, summary
+
+    report, path = run_check(args.artifact, args.images, args.out, args.repeats, args.max_images)
+    print(summary(report))
+    print(f"report written to {path}", file=sys.stderr)
+    if not report["passed"]:
+        sys.exit(1)
+
+
 def _expand(paths: list[Path]) -> list[tuple[Path, Path]]:
     """(image, its path relative to the argument it came from): names outputs uniquely below a folder."""
     found = []
@@ -353,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the kernel on a random bank of this many rows (e.g. a full-size model's)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the results JSON")
     p.set_defaults(func=cmd_bench_gpu)
+
+    p = sub.add_parser("gpu-check", help="verify the GPU paths on this box against the CPU runtime; one JSON report")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True, help="test images (folder, searched recursively)")
+    p.add_argument("--max-images", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=20, help="repeats of each bench-gpu measurement")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the report and engines")
+    p.set_defaults(func=cmd_gpu_check)
 
     for name, func, help_text in (("score", cmd_score, "score images with an artifact (JSON line per image)"),
                                   ("eval", cmd_eval, "score an MVTec-layout test set and report AUROC")):

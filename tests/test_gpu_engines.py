@@ -245,4 +245,5 @@ def test_bench_gpu_writes_results(small_artifact, tmp_path) -> None:
     path = write_results(results, tmp_path / "results")
     assert path.is_file() and results["device"]["compute_capability"]
     kernel = results["distance_kernel"]
-    assert kernel["fp32_queries_256"]["kernel_device"]["tflops"] > 0
+    patches = results["model"]["patches_per_image"]  # the first layer's grid: 32 × 32 for layer1 at 128 px
+    assert kernel[f"fp32_queries_{patches}"]["kernel_device"]["tflops"] > 0
