@@ -43,8 +43,9 @@ CORE_USES = {"trt.OnnxParser", "trt.MemoryPoolType.WORKSPACE", "Builder.create_n
 
 
 @pytest.fixture(scope="module")
-def pypi_cache(request) -> Path:
-    return request.config.cache.mkdir("pypi")
+def pypi_cache(request, tmp_path_factory) -> Path:
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider: download each run
+    return cache.mkdir("pypi") if cache is not None else tmp_path_factory.mktemp("pypi")
 
 
 def test_bench_reads_the_real_pycuda_version(pypi_cache, tmp_path) -> None:
