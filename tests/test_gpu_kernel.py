@@ -151,18 +151,29 @@ def test_emulated_kernel_breaks_ties_by_index(emulated) -> None:
 def test_emulated_kernel_never_makes_a_non_finite_query_near(emulated, precision: str) -> None:
     """fmaxf(NaN, 0) is 0: a NaN query row came out as a perfect match (distance 0). NaN, ±inf and a value whose
     square overflows give +inf distances (with real bank rows, so indexing by them is safe); other rows are as before."""
+    x, bank, bad = non_finite_queries(precision)
+    for k in (1, 9):
+        with np.errstate(over="ignore"):  # the FP16 cast of 7e4, which is the point
+            got_d, got_i = emulated[k].nearest(x, bank, precision, 32)
+        assert_fail_closed(x, bank, bad, got_d, got_i, k, precision)
+
+
+def non_finite_queries(precision: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Queries with NaN, ±inf and a value whose square overflows in some rows (returned as ``bad``)."""
     rng = np.random.default_rng(11)
     x, bank = rows(rng, 70, 40), rows(rng, 150, 40)
     overflow = 1e20 if precision == "fp32" else 7e4  # |x|² beyond float32; beyond FP16 (cast to inf)
     bad = [3, 10, 20, 33]
     x[bad, 5] = [np.nan, np.inf, -np.inf, overflow]
+    return x, bank, bad
+
+
+def assert_fail_closed(x: np.ndarray, bank: np.ndarray, bad: list[int], got_d: np.ndarray, got_i: np.ndarray, k: int,
+                       precision: str) -> None:
+    assert np.isposinf(got_d[bad]).all(), got_d[bad]
+    assert ((0 <= got_i[bad]) & (got_i[bad] < len(bank))).all()
     good = np.setdiff1d(np.arange(len(x)), bad)
-    for k in (1, 9):
-        with np.errstate(over="ignore"):  # the FP16 cast of 7e4, which is the point
-            got_d, got_i = emulated[k].nearest(x, bank, precision, 32)
-        assert np.isposinf(got_d[bad]).all(), got_d[bad]
-        assert ((0 <= got_i[bad]) & (got_i[bad] < len(bank))).all()
-        assert_same_neighbours(x[good], bank, got_d[good], got_i[good], k, precision)
+    assert_same_neighbours(x[good], bank, got_d[good], got_i[good], k, precision)
 
 
 def test_fp16_range_is_checked_before_upload() -> None:
@@ -217,6 +228,16 @@ def test_gpu_kernel_matches_cpu(gpu, tmp_path, precision: str) -> None:
             got_d, got_i = gpu_nearest.nearest(x, k)
             assert_same_neighbours(x, bank, got_d, got_i, k, precision)
     assert any((tmp_path / "kernels").iterdir()), "compiled modules are cached on disk"
+
+
+def test_gpu_kernel_never_makes_a_non_finite_query_near(gpu, tmp_path) -> None:
+    """The emulated test's twin on the real GPU (FP32: FP16 uploads of such rows are refused on the host)."""
+    from patchline.runtime.gpu_distance import GpuNearest
+
+    x, bank, bad = non_finite_queries("fp32")
+    gpu_nearest = GpuNearest(bank, "fp32", gpu, cache_dir=tmp_path)
+    for k in (1, 9):
+        assert_fail_closed(x, bank, bad, *gpu_nearest.nearest(x, k), k, "fp32")
 
 
 def test_gpu_memory_is_freed_by_close_on_another_thread(gpu, tmp_path) -> None:
