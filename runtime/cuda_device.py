@@ -27,7 +27,8 @@ def driver_facts() -> str:
     for a newer CUDA cannot start, and it must work where pycuda cannot.
     """
     try:
-        found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", Path("/proc/driver/nvidia/version").read_text())
+        text = Path("/proc/driver/nvidia/version").read_text()
+        found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
         release = f"NVIDIA driver {found.group(1)}" if found else "an NVIDIA driver of unknown release"
     except OSError:  # Jetson's driver has no such file
         release = None

@@ -78,8 +78,8 @@ def require_int8_calibration(trt) -> None:  # noqa: ANN001
     if not weakly_typed(trt):
         raise EngineError(f"TensorRT {trt.__version__} builds only strongly typed networks: INT8 there needs an ONNX "
                           "with symmetric int8 Q/DQ nodes, and patchline's model.int8.onnx (uint8 activations with "
-                          "zero points, for ONNX Runtime) is not one; use tensorrt.precision fp16, or TensorRT 10 "
-                          "(JetPack 6) for INT8")
+                          "zero points, for ONNX Runtime) is not one; use tensorrt.precision fp16, or TensorRT 8.6 or "
+                          "10 (JetPack 6) for INT8")
 
 
 def network_flags(trt) -> int:  # noqa: ANN001
