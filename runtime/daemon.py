@@ -23,6 +23,7 @@ from pathlib import Path
 from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import ConfigError, RunConfig
 from patchline.runtime.decision import decide
+from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.evidence import EvidenceStore
 from patchline.runtime.gpu_preflight import preflight
 from patchline.runtime.inspector import Inspector
@@ -132,6 +133,7 @@ class Daemon:
         """Answer waiting triggers, write queued evidence, flush verdicts, publish ``stopped``."""
         self.notifier.stopping("stopping: flushing verdicts")
         self.source.close()
+        self.inspector.close()  # GPU memory is freed here, in its context, not left to the interpreter's exit
         with self._trigger_lock:
             self._stopping = True
             pending, self._triggers = list(self._triggers), deque()
@@ -141,9 +143,10 @@ class Daemon:
             self.evidence.close()
         self.sink.stop(FLUSH_TIMEOUT_S)
         c, counts = self.source.counters, self.metrics.verdicts
-        log.info("ran %.0f s: %d frames, %d OK + %d NG verdicts, %d skipped, %d lost, %d corrupt, %d stalls, "
-                 "%d source reconnects, %d MQTT reconnects, %d verdicts dropped", time.monotonic() - self.metrics.started,
-                 c.frames, counts["OK"], counts["NG"], c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
+        log.info("ran %.0f s: %d frames, %d OK + %d NG verdicts, %d without a verdict (errors), %d skipped, %d lost, "
+                 "%d corrupt, %d stalls, %d source reconnects, %d MQTT reconnects, %d verdicts dropped",
+                 time.monotonic() - self.metrics.started, c.frames, counts["OK"], counts["NG"],
+                 sum(self.metrics.inspection_errors.values()), c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
                  self.sink.reconnects, self.sink.dropped)
         if self.server is not None:
             self.server.close()
@@ -157,11 +160,19 @@ class Daemon:
 
     # -- one frame -------------------------------------------------------------------------------
 
-    def process(self, frame: Frame, trigger: Trigger | None = None, trigger_at: float | None = None) -> dict:
-        """Inspect one frame, publish its verdict and return it."""
+    def process(self, frame: Frame, trigger: Trigger | None = None, trigger_at: float | None = None) -> dict | None:
+        """Inspect one frame, publish its verdict and return it; None when the frame can get no verdict
+        (NaN/inf in the model's output): that is published on the error topic and counted instead."""
         started = time.monotonic()
-        inspection = self.inspector.inspect(frame.image)
-        decision = decide(inspection.score, self.calibration, self.config.threshold)
+        try:
+            inspection = self.inspector.inspect(frame.image)
+            decision = decide(inspection.score, self.calibration, self.config.threshold)
+        except NonFiniteError as exc:
+            log.warning("frame %d: %s", frame.index, exc)
+            self.metrics.inspection_error("non_finite_score")
+            self.sink.publish_error({"error": "non_finite_score", "detail": str(exc),
+                                     "part_id": trigger.part_id if trigger else None}, trigger)
+            return None
         seq = self.seq.next()
         evidence = None
         if decision.verdict == "NG" and self.evidence is not None:
