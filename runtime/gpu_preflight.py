@@ -71,4 +71,5 @@ def check_gpu_nodes(index: int, dev: Path = Path("/dev")) -> None:
 def preflight(config: RunConfig, dev: Path = Path("/dev")) -> None:
     """The daemon's GPU check at start, for a run config that needs the GPU."""
     if needs_gpu(config):
-        check_gpu_nodes(device_index(config.device), dev)
+        # The CUDA distance kernel beside a CPU backbone runs on GPU 0 (inspector.py).
+        check_gpu_nodes(0 if config.device == "cpu" else device_index(config.device), dev)

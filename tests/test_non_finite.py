@@ -32,7 +32,7 @@ DARK, BRIGHT = 20, 250  # grey levels: every normalised pixel below 0, and above
 def nan_when_bright(small_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the small artifact whose model outputs NaN for an image with any normalised pixel above 0,
     and its embedding otherwise (the daemon's warm-up frame is black)."""
-    import onnx
+    onnx = pytest.importorskip("onnx")  # the export extra: not in the runtime-only venv
     from onnx import TensorProto, helper
 
     out = tmp_path_factory.mktemp("nan_when_bright") / "artifact"
