@@ -300,7 +300,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         sys.exit(EXIT_CONFIG)
     try:
         code = daemon.run()
-    except SourceConfigError as exc:  # e.g. the ROI does not fit the first frame
+    except SourceConfigError as exc:  # e.g. an appsink of the pipeline delivers a pixel format we cannot convert
         log.error("source: %s", exc)
         code = EXIT_CONFIG
     sys.exit(code)

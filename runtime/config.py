@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -246,6 +248,9 @@ class RoiConfig(Section):
 
 class SourceSection(Section):
     roi: RoiConfig | None = None
+    # Larger frames are counted corrupt and skipped; folder and GStreamer sources read the size from an image's
+    # header and refuse it before decoding (a small file may declare gigapixels).
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     # First frame after (re)opening; industrial cameras can take 40 s to start streaming. None: wait forever.
     start_timeout_s: float | None = Field(40.0, gt=0)
     # No frame for this long once frames flowed → a stall: counted, the source is reopened. None: never.
