@@ -10,8 +10,9 @@ Topics, all under ``<topic_prefix>/<camera>/`` (see ``Topics``):
     available          "online" (every connect) / "stopped" (clean exit) / "offline" (the will), retained, QoS 1
     trigger            subscribed: {"part_id": "..."} or a plain string; MQTT v5 ResponseTopic and
                        CorrelationData are kept, and the verdict answering it is also published to the
-                       ResponseTopic with the CorrelationData
-    error              JSON {"error", "detail", ...} for malformed triggers and ``publish_error``, QoS 1
+                       ResponseTopic with the CorrelationData; a retained trigger (the broker replays it
+                       at every subscription) is answered on ``error`` and never passed on
+    error              JSON {"error", "detail", ...} for malformed and retained triggers and ``publish_error``, QoS 1
 
 Contract for the daemon::
 
@@ -641,6 +642,9 @@ class MqttSink:
         response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
         answerable = bool(response_topic) and not any(c in response_topic for c in "+#")
+        if message.retain:
+            self._refuse_retained(message, response_topic if answerable else None, correlation)
+            return
         try:
             part_id = parse_trigger(message.payload)
             if response_topic is not None and not answerable:
@@ -655,3 +659,17 @@ class MqttSink:
         log.debug("MQTT: trigger %s", trigger)
         if self.on_trigger is not None:
             self.on_trigger(trigger)
+
+    def _refuse_retained(self, message: paho.MQTTMessage, response_topic: str | None, correlation: bytes | None) -> None:
+        # The broker replays a retained trigger at every subscription, long after the part it named has gone:
+        # inspecting it would judge whatever is in front of the camera now.
+        try:
+            part_id = parse_trigger(message.payload)
+        except ValueError:
+            part_id = None
+        detail = (f"a retained message on {message.topic}, replayed by the broker at every start: not inspected; "
+                  f"publish triggers without the retain flag, and clear it with: mosquitto_pub -r -n -t {message.topic}")
+        log.warning("MQTT: retained trigger %r: %s", part_id, detail)
+        report = self._error_message({"error": "retained_trigger", "detail": detail, "part_id": part_id,
+                                      "topic": message.topic})
+        self._report_error(report, response_topic, correlation)

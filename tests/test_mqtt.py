@@ -502,3 +502,30 @@ def test_tls_with_client_certificate(tmp_path: Path, open_sinks) -> None:
             MqttSink(missing_ca, CAMERA, tmp_path).start()
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_retained_trigger_is_answered_on_error_at_every_start_and_never_inspected(
+        mosquitto: Mosquitto, tmp_path: Path, open_sinks, protocol: str) -> None:
+    """A PLC published its trigger with -r once: the broker replays it to every new subscription."""
+    plc = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    plc.connect("127.0.0.1", mosquitto.port)
+    plc.loop_start()
+    plc.publish(TOPICS.trigger, json.dumps({"part_id": "OLD-1"}), qos=1, retain=True).wait_for_publish(5)
+    listener = Listener(mosquitto.port, [TOPICS.error])
+    for start in range(2):  # two starts of the daemon: each is told, neither inspects
+        triggers: queue.Queue[Trigger] = queue.Queue()
+        sink = start_sink(open_sinks, mosquitto.port, tmp_path / "state", on_trigger=triggers.put, protocol=protocol)
+        assert sink.wait_connected(5)
+        assert listener.wait(lambda ms, n=start + 1: len(ms) == n)
+        plc.publish(TOPICS.trigger, "LIVE-1", qos=1).wait_for_publish(5)  # a live trigger still goes through
+        assert triggers.get(timeout=5).part_id == "LIVE-1" and triggers.empty()
+        sink.stop(flush_timeout=1)
+    plc.loop_stop()
+    plc.disconnect()
+    listener.close()
+    errors = [json.loads(payload) for payload in listener.on(TOPICS.error)]
+    assert len(errors) == 2
+    for error in errors:
+        assert error["error"] == "retained_trigger" and error["part_id"] == "OLD-1"
+        assert f"mosquitto_pub -r -n -t {TOPICS.trigger}" in error["detail"]
