@@ -316,11 +316,15 @@ class EvidenceConfig(Section):
     enabled: bool = True
     dir: str | None = None  # default: <state_dir>/evidence
     quota_mb: float = Field(500.0, gt=0)
+    # Evidence never takes the disk below this much free space (older evidence is deleted first, else none is
+    # written): the seq counter, the MQTT spool and the system share it.
+    min_free_mb: float = Field(100.0, ge=0)
     format: Literal["png", "jpg"] = "png"  # of the frame; png keeps the exact pixels for retraining
 
 
 class TriggerConfig(Section):
-    # A trigger with no frame captured at or after it within this time is answered on the error topic.
+    # A trigger not inspected within this time is answered on the error topic: no_frame when no frame was
+    # captured at or after it, model_busy when its frame was but the model was busy with earlier triggers.
     timeout_s: float = Field(5.0, gt=0)
     max_pending: int = Field(32, ge=1)
 

@@ -10,6 +10,10 @@ never hold up a frame.
 Modes: ``continuous`` inspects the newest frame whenever the model is free (older frames
 are dropped by the source and counted); ``trigger`` inspects, per PLC trigger, the first
 frame captured at or after the trigger arrived.
+
+Nothing the disk does stops the loop: a verdict whose seq cannot be recorded is not published
+(SeqCounter), the spool falls back to memory, evidence is skipped and the verdict says why;
+each failed write is counted and logged (runtime/disk_writes.py).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import ConfigError, RunConfig
 from patchline.runtime.decision import decide
-from patchline.runtime.evidence import EvidenceStore
+from patchline.runtime.disk_writes import DiskWrites
+from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InOrder
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.metrics import Metrics, MetricsServer
 from patchline.runtime.mqtt import MqttSink, Trigger
@@ -52,20 +57,22 @@ class Daemon:
                               "threshold; run `patchline calibrate` on it or set `threshold:` in the config")
         roi = config.source.roi
         self.roi_offset = (roi.x, roi.y) if roi else (0, 0)
-        self.source = open_source(config.source)
+        state = Path(config.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskWrites()
+        self.source = open_source(config.source, memory=state / f"{config.camera}.inspected", disk=self.disk)
         self.notifier = notifier or Notifier()
         with self.notifier.extending_start("loading the engine (a first TensorRT build takes minutes)"):
             self.inspector = Inspector(self.artifact, engine=config.engine, distance=config.distance,
                                        precision=config.precision, device=config.device, threads=config.threads,
                                        tensorrt=config.tensorrt)
-        state = Path(config.state_dir)
-        state.mkdir(parents=True, exist_ok=True)
         self.seq = SeqCounter(state / f"{config.camera}.seq")
-        self.sink = MqttSink(config.mqtt, config.camera, state, on_trigger=self._on_trigger)
+        self.sink = MqttSink(config.mqtt, config.camera, state, on_trigger=self._on_trigger, disk=self.disk)
+        self.publisher = InOrder(self.sink.publish_verdict)
         evidence = config.evidence
-        self.evidence = (EvidenceStore(evidence.dir or state / "evidence", evidence.quota_mb, evidence.format)
-                         if evidence.enabled else None)
-        self.metrics = Metrics(config.camera, self.source, self.sink, self.evidence)
+        self.evidence = (EvidenceStore(evidence.dir or state / "evidence", evidence.quota_mb, evidence.format,
+                                       evidence.min_free_mb, self.disk) if evidence.enabled else None)
+        self.metrics = Metrics(config.camera, self.source, self.sink, self.evidence, self.disk)
         self.stop_requested = threading.Event()
         self.server: MetricsServer | None = None
         self._triggers: deque[tuple[Trigger, float]] = deque()  # with time.monotonic() at arrival
@@ -137,7 +144,9 @@ class Daemon:
             self._trigger_error(trigger, "stopping", "the daemon is stopping; trigger not inspected")
         if self.evidence is not None:
             self.evidence.close()
+        self.publisher.release(NOT_WRITTEN)  # verdicts whose evidence the writer did not get to
         self.sink.stop(FLUSH_TIMEOUT_S)
+        self.seq.close()
         c, counts = self.source.counters, self.metrics.verdicts
         log.info("ran %.0f s: %d frames, %d OK + %d NG verdicts, %d skipped, %d lost, %d corrupt, %d stalls, "
                  "%d source reconnects, %d MQTT reconnects, %d verdicts dropped", time.monotonic() - self.metrics.started,
@@ -155,29 +164,42 @@ class Daemon:
 
     # -- one frame -------------------------------------------------------------------------------
 
-    def process(self, frame: Frame, trigger: Trigger | None = None, trigger_at: float | None = None) -> dict:
-        """Inspect one frame, publish its verdict and return it."""
+    def process(self, frame: Frame, trigger: Trigger | None = None, trigger_at: float | None = None) -> dict | None:
+        """Inspect one frame and publish its verdict (an NG one once its evidence is settled); the verdict, or
+        None when its seq could not be recorded: nothing is published then, rather than risk a repeated seq."""
         started = time.monotonic()
         inspection = self.inspector.inspect(frame.image)
         decision = decide(inspection.score, self.calibration, self.config.threshold)
-        seq = self.seq.next()
-        evidence = None
-        if decision.verdict == "NG" and self.evidence is not None:
-            evidence = self.evidence.submit(seq, frame.captured, frame.image, inspection.anomaly_map)
+        try:
+            seq = self.seq.next()
+        except OSError as exc:
+            self.disk.failed("seq_counter", self.seq.path, exc, "verdict not published (a number that was not "
+                             "recorded could come again after a restart)")
+            if trigger is not None:
+                self._trigger_error(trigger, "not_published", f"the sequence counter {self.seq.path} cannot be "
+                                    f"written ({exc.strerror or exc}); verdict withheld rather than risk a repeated seq")
+            return None
+        self.disk.succeeded("seq_counter")
         done = time.monotonic()
         latency = {**inspection.timings_ms, "wait": (started - frame.monotonic) * 1000.0}
         if trigger_at is not None:
             latency["trigger_to_verdict"] = (done - trigger_at) * 1000.0
         x, y = inspection.location
+        ng = decision.verdict == "NG"
         verdict = make_verdict(
             camera=self.config.camera, seq=seq, timestamp=frame.captured, frame_age_s=done - frame.monotonic,
             decision=decision, location=(x + self.roi_offset[0], y + self.roi_offset[1]), latency_ms=latency,
             model_id=self.artifact.manifest.model_id, artifact_checksum=self.inspector.checksum,
-            part_id=trigger.part_id if trigger else None, evidence=evidence,
+            part_id=trigger.part_id if trigger else None,
+            evidence_error=DISABLED if ng and self.evidence is None else None,
         )
-        self.sink.publish_verdict(verdict, trigger)
+        if ng and self.evidence is not None:
+            self.evidence.submit(seq, frame.captured, frame.image, inspection.anomaly_map,
+                                 self.publisher.hold(verdict, trigger))
+        else:
+            self.publisher.publish(verdict, trigger)
         self.metrics.inspected(inspection.timings_ms["total"] / 1000.0, decision.verdict)
-        log.debug("seq %d %s score %.4f frame %d", seq, decision.verdict, decision.score, frame.index)
+        log.debug("seq %d %s score %.4f frame %d %s", seq, decision.verdict, decision.score, frame.index, frame.origin)
         return verdict
 
     # -- triggers --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from patchline.runtime.mqtt import MqttError, MqttSink, Topics, Trigger, parse_t
 from patchline.runtime import verdict as verdict_module
 from patchline.runtime.verdict import SCHEMA_PATH, SeqCounter, make_verdict
 from tests.broker import Mosquitto, free_port
+from tests.conftest import fill
 from tests.mqtt_child import CAMERA, sample_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -502,6 +504,27 @@ def test_tls_with_client_certificate(tmp_path: Path, open_sinks) -> None:
             MqttSink(missing_ca, CAMERA, tmp_path).start()
     finally:
         broker.stop()
+
+
+def test_seq_counter_numbers_on_a_full_disk_and_hands_out_nothing_it_cannot_record(
+        small_disk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a real filesystem filled to 100 %: the record is rewritten in place (no new block), so numbering and
+    the synced reservations go on; a counter whose file cannot even be created raises and hands out nothing."""
+    monkeypatch.setattr(verdict_module, "RESERVE", 3)
+    disk = small_disk(1)
+    counter = SeqCounter(disk / "cam1.seq")
+    assert [counter.next() for _ in range(2)] == [1, 2]
+    hog = fill(disk)
+    assert [counter.next() for _ in range(10)] == list(range(3, 13))  # three reservations raised and synced
+    assert SeqCounter(disk / "cam1.seq").next() == 13  # a restart on the full disk: no repeat, no gap
+    fresh = SeqCounter(disk / "cam2.seq")  # a camera whose counter was never written
+    for _ in range(2):
+        with pytest.raises(OSError) as err:
+            fresh.next()
+        assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in disk.iterdir()) == ["cam1.seq", hog.name]  # no temp file holds space
+    hog.unlink()
+    assert fresh.next() == 1  # space is back: numbering starts, nothing was skipped or repeated
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
