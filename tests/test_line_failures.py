@@ -1,10 +1,12 @@
-"""`patchline run` against what a line does to it: hostile files, a full disk.
+"""`patchline run` against what a line does to it: hostile files, a full disk, a model slower than the camera.
 
-All real: the daemon as a process, mosquitto, a tmpfs mounted by the test and filled to 100 %, a symlink loop.
+All real: the daemon as a process, mosquitto, a tmpfs mounted by the test and filled to 100 %, a symlink loop,
+GStreamer playing a real 10 fps video.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,11 +17,13 @@ from pathlib import Path
 import cv2
 import pytest
 
+from patchline.runtime.inspector import Inspector
 from tests.broker import free_port
-from tests.conftest import fill
+from tests.conftest import SMALL_OVERRIDES, fill
 from tests.hostile import corpus
-from tests.test_daemon import (CAMERA, calibrated_artifact, defective, finish, good_part,  # noqa: F401
+from tests.test_daemon import (CAMERA, calibrated_artifact, defective, epoch, finish, good_part,  # noqa: F401
                                run_config, start_daemon, subscriber)
+from tests.video import write_video
 
 LABEL = f'{{camera="{CAMERA}"}}'
 
@@ -173,3 +177,68 @@ def test_a_full_disk_never_stops_the_line(tmp_path, mosquitto, subscriber, calib
     assert [v["seq"] for v in distinct()] == [1, 2, 3, 4, 5, 6]  # no number used twice, no gap, in order
     assert all(v["evidence"] is None or v["evidence"] in subscriber.evidence_on_arrival for v in subscriber.verdicts())
     assert "disk: cannot write spool" in output and "disk: writes of the spool work again" in output
+
+
+@pytest.fixture(scope="module")
+def slow_artifact(sample_data, tmp_path_factory) -> Path:
+    """A model slower than a 10 fps camera on one thread: 150 ms a frame at least, whatever the machine (the
+    input grows until it is)."""
+    from patchline.export.fit import export_artifact
+    from patchline.runtime.config import load_config
+
+    images = tmp_path_factory.mktemp("few")
+    for path in sorted((sample_data / "train" / "good").iterdir())[:4]:
+        (images / path.name).write_bytes(path.read_bytes())
+    for size in (256, 384, 512):
+        out = tmp_path_factory.mktemp(f"slow{size}")
+        overrides = [*SMALL_OVERRIDES, "model.layers=[layer2, layer3]", f"preprocess.image_size={size}"]
+        export_artifact(load_config(None, overrides), images, out, progress=False)
+        inspector = Inspector(out, device="cpu", threads=1)
+        inspector.warm_up()
+        if min(inspector.inspect(good_part(i)).timings_ms["total"] for i in range(3)) >= 150:
+            break
+    return out
+
+
+def test_each_trigger_is_answered_with_the_first_frame_captured_after_it_however_busy_the_model(
+        tmp_path, mosquitto, subscriber, slow_artifact):
+    """Five triggers 100 ms apart at 10 fps, a model slower than 100 ms a frame: each verdict's frame was captured
+    at or after its trigger and less than one frame interval later; after the video, no_frame."""
+    seconds = 8
+    video = write_video(tmp_path / "line.avi", [good_part(i % 5) for i in range(10 * seconds)], fps=10)
+    source = {"kind": "gstreamer", "pipeline": f"filesrc location={video} ! decodebin", "at_end": "reconnect",
+              "reconnect_min_s": 60, "reconnect_max_s": 60}
+    port = free_port()
+    config = run_config(tmp_path, slow_artifact, mosquitto.port, source, threshold=1e9, mode="trigger", threads=1,
+                        evidence={"enabled": False}, trigger={"timeout_s": 3}, metrics={"port": port})
+    process = start_daemon(config)
+    topic = f"patchline/{CAMERA}/trigger"
+    try:
+        wait_until(process, lambda: scrape(port).get(f"patchline_frames_total{LABEL}", 0) > 0, what="frames")
+        subscriber.client.publish(topic, "START", qos=1).wait_for_publish(5)
+        subscriber.wait_for(lambda: subscriber.verdicts(), timeout=60)
+        video_started = epoch(subscriber.verdicts()[0]["timestamp"])
+        sent = time.monotonic()
+        for index in range(5):
+            time.sleep(max(0.0, sent + 0.1 * index - time.monotonic()))
+            subscriber.client.publish(topic, f"P-{index}", qos=1)
+        subscriber.wait_for(lambda: len(subscriber.verdicts()) == 6, timeout=30)
+        time.sleep(max(0.0, video_started + seconds + 0.5 - time.time()))  # the video is over: no frame comes
+        subscriber.client.publish(topic, "AFTER", qos=1).wait_for_publish(5)
+        subscriber.wait_for(lambda: subscriber.on("error"), timeout=10)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, 30)
+    assert code == 0, output
+    answers = subscriber.verdicts()[1:]
+    assert [v["part_id"] for v in answers] == [f"P-{index}" for index in range(5)]
+    for v in answers:
+        latency = v["latency_ms"]
+        assert latency["total"] > 100, "the model must be slower than the frame interval for this test to mean much"
+        # Capture minus arrival, both on the daemon's monotonic clock: at or after the trigger, and the first frame.
+        after = latency["trigger_to_verdict"] - v["frame_age_ms"]
+        assert -0.01 <= after < 100, (v["part_id"], after)
+    captured = [epoch(v["timestamp"]) for v in answers]
+    assert captured == sorted(captured) and captured[-1] - captured[0] >= 0.3  # in order, over the triggers' span
+    error = json.loads(subscriber.on("error")[0].payload)
+    assert (error["error"], error["part_id"]) == ("no_frame", "AFTER")
