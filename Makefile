@@ -7,7 +7,7 @@ CONFIG ?= configs/default.yaml
 IMAGES ?= $(DEMO)/data
 ARTIFACT ?= artifacts/model
 
-.PHONY: demo test export system-deps venv clean engine bench bench-gpu install
+.PHONY: demo test export system-deps venv clean engine bench bench-gpu gpu-check install
 
 # Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
 system-deps:
@@ -46,6 +46,19 @@ BENCH_ARTIFACT ?= $(DEMO)/artifact
 bench-gpu: venv
 	test -f $(BENCH_ARTIFACT)/manifest.json || $(MAKE) demo
 	$(BIN)/patchline bench-gpu --artifact $(BENCH_ARTIFACT) --config $(CONFIG)
+
+# GPU box only: the prepared check (README "GPU check") — the demo artifact, then every GPU combination's scores
+# against the CPU runtime, the GPU tests and bench-gpu, in one JSON report under bench/results/.
+GPU_EXTRA ?= gpu
+gpu-check: system-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[export,calibration,dev,$(GPU_EXTRA)]'
+	test -f $(DEMO)/artifact/manifest.json || { \
+	  $(BIN)/patchline sample-data $(DEMO)/data && \
+	  $(BIN)/patchline export --config configs/demo.yaml --images $(DEMO)/data --out $(DEMO)/artifact --quiet && \
+	  $(BIN)/patchline sample-data $(DEMO)/val --train 0 --test-good 20 --per-defect 6 --seed 1 && \
+	  $(BIN)/patchline calibrate --artifact $(DEMO)/artifact --val $(DEMO)/val --defects $(DEMO)/val; }
+	$(BIN)/patchline gpu-check --artifact $(DEMO)/artifact --images $(DEMO)/data/test --out bench/results
 
 # pytest exits 5 when it collects no test: not a failure of the code under test.
 test: venv

@@ -15,6 +15,7 @@ from pathlib import Path
 from patchline.runtime.artifact import PRECISIONS, ArtifactError
 from patchline.runtime.config import ConfigError, TensorRtConfig
 from patchline.runtime.cuda_device import GpuUnavailable
+from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
 from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
 from patchline.runtime.inspector import DISTANCES
@@ -89,6 +90,16 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
     print(f"results written to {path}", file=sys.stderr)
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> None:
+    from patchline.runtime.gpu_check import run_check, summary
+
+    report, path = run_check(args.artifact, args.images, args.out, args.repeats, args.max_images)
+    print(summary(report))
+    print(f"report written to {path}", file=sys.stderr)
+    if not report["passed"]:
+        sys.exit(1)
+
+
 def _expand(paths: list[Path]) -> list[tuple[Path, Path]]:
     """(image, its path relative to the argument it came from): names outputs uniquely below a folder."""
     found = []
@@ -116,7 +127,12 @@ def cmd_score(args: argparse.Namespace) -> None:
             failures += 1
             print(json.dumps({"path": str(path), "error": rgb.reason}), flush=True)
             continue
-        result = inspector.inspect(rgb)
+        try:
+            result = inspector.inspect(rgb)
+        except NonFiniteError as exc:  # fail closed, but score the other images
+            failures += 1
+            print(json.dumps({"path": str(path), "error": str(exc)}), flush=True)
+            continue
         line = {
             "path": str(path),
             "score": round(result.score, 6),
@@ -129,6 +145,7 @@ def cmd_score(args: argparse.Namespace) -> None:
             write_rgb(out, heatmap_overlay(rgb, result.anomaly_map))
             line["heatmap"] = str(out)
         print(json.dumps(line), flush=True)
+    inspector.close()
     if failures:
         sys.exit(1)
 
@@ -287,16 +304,19 @@ def cmd_run(args: argparse.Namespace) -> None:
     from patchline.runtime.sources import SourceConfigError
 
     # What is refused here is a configuration problem that a restart cannot fix: EX_CONFIG, no restart loop.
+    # That includes the GPU: no driver or device, TensorRT that cannot start on this driver, the kernel not
+    # compiling, the model not fitting in (device) memory.
     daemon = None
     try:
         daemon = Daemon(load_config(args.config, args.set, model=RunConfig))
         signal.signal(signal.SIGTERM, daemon.request_stop)
         signal.signal(signal.SIGINT, daemon.request_stop)
         daemon.start()
-    except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError) as exc:
+    except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError, GpuUnavailable,
+            MemoryError) as exc:
         if daemon is not None:
             daemon.shutdown()
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", str(exc) or type(exc).__name__)
         sys.exit(EXIT_CONFIG)
     try:
         code = daemon.run()
@@ -344,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the kernel on a random bank of this many rows (e.g. a full-size model's)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the results JSON")
     p.set_defaults(func=cmd_bench_gpu)
+
+    p = sub.add_parser("gpu-check", help="verify the GPU paths on this box against the CPU runtime; one JSON report")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True, help="test images (folder, searched recursively)")
+    p.add_argument("--max-images", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=20, help="repeats of each bench-gpu measurement")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the report and engines")
+    p.set_defaults(func=cmd_gpu_check)
 
     for name, func, help_text in (("score", cmd_score, "score images with an artifact (JSON line per image)"),
                                   ("eval", cmd_eval, "score an MVTec-layout test set and report AUROC")):

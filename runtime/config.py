@@ -189,6 +189,18 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
+# Paths in a config file that are read relative to the file's folder, not the working directory (which is /
+# for a systemd service). Values given with --set stay relative to the working directory of the shell.
+FILE_RELATIVE_PATHS = (("tensorrt", "calibration_cache"), ("tensorrt", "cache_dir"))
+
+
+def _relative_to_file(data: dict[str, Any], folder: Path) -> None:
+    for section, key in FILE_RELATIVE_PATHS:
+        values = data.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+            values[key] = str(folder / values[key])
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), model: type[Config] = Config) -> Config:
     """Read a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
     source = str(path) if path else "<defaults>"
@@ -204,6 +216,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), model
             raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections")
+        _relative_to_file(data, Path(path).resolve().parent)
     for assignment in overrides:
         apply_override(data, assignment)
     try:

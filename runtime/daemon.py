@@ -28,6 +28,7 @@ from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import ConfigError, RunConfig
 from patchline.runtime.decision import decide
 from patchline.runtime.disk_writes import DiskWrites
+from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InOrder
 from patchline.runtime.inspector import Inspection, Inspector
 from patchline.runtime.metrics import Metrics, MetricsServer
@@ -144,15 +145,17 @@ class Daemon:
         for waiting in self.frames.stop() if self.frames is not None else []:
             self._trigger_error(waiting.trigger, "stopping", "the daemon is stopping; trigger not inspected")
         self.source.close()
+        self.inspector.close()  # GPU memory is freed here, in its context, not left to the interpreter's exit
         if self.evidence is not None:
             self.evidence.close()
         self.publisher.release(NOT_WRITTEN)  # verdicts whose evidence the writer did not get to
         self.sink.stop(FLUSH_TIMEOUT_S)
         self.seq.close()
         c, counts = self.source.counters, self.metrics.verdicts
-        log.info("ran %.0f s: %d frames, %d OK + %d NG verdicts, %d skipped, %d lost, %d corrupt, %d stalls, "
-                 "%d source reconnects, %d MQTT reconnects, %d verdicts dropped", time.monotonic() - self.metrics.started,
-                 c.frames, counts["OK"], counts["NG"], c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
+        log.info("ran %.0f s: %d frames, %d OK + %d NG verdicts, %d without a verdict (errors), %d skipped, %d lost, "
+                 "%d corrupt, %d stalls, %d source reconnects, %d MQTT reconnects, %d verdicts dropped",
+                 time.monotonic() - self.metrics.started, c.frames, counts["OK"], counts["NG"],
+                 sum(self.metrics.inspection_errors.values()), c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
                  self.sink.reconnects, self.sink.dropped)
         if self.server is not None:
             self.server.close()
@@ -168,10 +171,18 @@ class Daemon:
 
     def process(self, frame: Frame, trigger: Trigger | None = None, trigger_at: float | None = None) -> dict | None:
         """Inspect one frame and publish its verdict (an NG one once its evidence is settled); the verdict, or
-        None when its seq could not be recorded: nothing is published then, rather than risk a repeated seq."""
+        None when the frame gets none: NaN/inf in the model's output (published on the error topic and counted
+        instead), or a seq that could not be recorded (nothing is published, rather than risk a repeated seq)."""
         started = time.monotonic()
-        inspection = self._inspect(frame)
-        decision = decide(inspection.score, self.calibration, self.config.threshold)
+        try:
+            inspection = self._inspect(frame)
+            decision = decide(inspection.score, self.calibration, self.config.threshold)
+        except NonFiniteError as exc:
+            log.warning("frame %d: %s", frame.index, exc)
+            self.metrics.inspection_error("non_finite_score")
+            self.sink.publish_error({"error": "non_finite_score", "detail": str(exc),
+                                     "part_id": trigger.part_id if trigger else None}, trigger)
+            return None
         try:
             seq = self.seq.next()
         except OSError as exc:

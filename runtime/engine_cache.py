@@ -1,7 +1,8 @@
 """Where TensorRT engines live on the box, and whether a cached one fits this box and model.
 
-An engine runs only with the TensorRT version and GPU architecture that built it, and is
-built for one ONNX file, precision and batch profile. Each engine file is named by that key
+An engine runs only with the TensorRT version and GPU that built it (TensorRT picks its kernels by
+timing them on that GPU model, not just its architecture), and is built for one ONNX file, precision
+and batch profile. Each engine file is named by that key
 and has a JSON sidecar recording the key and the engine's sha256. An engine whose sidecar is
 missing, names another key, or whose bytes changed is never used: it is rebuilt, or refused
 with the reason when building is disabled. Plain Python; TensorRT itself is in trt_build.py.
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -31,12 +33,19 @@ _LABELS = {
     "batch_profile": "batch profile (min, opt, max)",
     "tensorrt": "TensorRT",
     "compute_capability": "GPU compute capability",
+    "gpu": "GPU model",
     "calibration_sha256": "INT8 calibration cache",
 }
 
 
 class EngineError(ValueError):
     """An engine that cannot be built or used; the message names the file and the reason."""
+
+
+def gpu_tag(compute_capability: str, gpu: str) -> str:
+    """``sm87-orin``, ``sm90-h200``: the GPU in file names (two models of one architecture must not share)."""
+    model = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-").removeprefix("nvidia-")
+    return f"sm{compute_capability.replace('.', '')}-{model or 'gpu'}"
 
 
 @dataclass(frozen=True)
@@ -46,13 +55,14 @@ class EngineKey:
     batch_profile: tuple[int, int, int]
     tensorrt: str
     compute_capability: str
+    gpu: str  # the device's name, e.g. "Orin" or "NVIDIA H200"
     calibration_sha256: str | None = None
 
     @property
     def file_name(self) -> str:
         low, opt, high = self.batch_profile
         parts = [self.onnx_sha256[:16], self.precision, f"b{low}-{opt}-{high}",
-                 "sm" + self.compute_capability.replace(".", ""), "trt" + self.tensorrt]
+                 gpu_tag(self.compute_capability, self.gpu), "trt" + self.tensorrt]
         if self.calibration_sha256:
             parts.append("cal" + self.calibration_sha256[:12])
         return "_".join(parts) + ".engine"

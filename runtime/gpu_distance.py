@@ -20,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from patchline.runtime.distance import NonFiniteError
+
 KERNEL_FILE = Path(__file__).parent / "kernels" / "euclidean_topk.cu"
 # Past 16 the per-thread lists no longer fit in registers (ptxas spills them; tests/test_gpu_kernel.py).
 MAX_K = 16
 PRECISIONS = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+FP16_MAX = float(np.finfo(np.float16).max)
 _SUFFIX = {"fp32": "f32", "fp16": "f16"}
 
 
@@ -69,6 +72,17 @@ def padded_dim(dim: int, precision: str) -> int:
     return dim + dim % 2 if precision == "fp16" else dim
 
 
+def check_range(rows: np.ndarray, precision: str, what: str) -> None:
+    """Refuse rows the precision cannot hold: cast to FP16, a value beyond ±65504 (or NaN) becomes a
+    non-finite half, and no distance to it means anything. Raises NonFiniteError naming ``what``."""
+    if precision != "fp16" or rows.size == 0:
+        return
+    peak = float(np.abs(rows).max())
+    if not peak <= FP16_MAX:  # also NaN
+        raise NonFiniteError(f"{what}: largest magnitude {peak:.6g} is beyond FP16's range (±{FP16_MAX:.0f}), so the "
+                             "FP16 distance kernel cannot take it; use distance cuda (FP32)")
+
+
 def prepare_rows(rows: np.ndarray, precision: str) -> np.ndarray:
     """``rows`` as the kernel reads them: C-contiguous, in the precision's dtype, zero-padded to ``padded_dim``."""
     n, dim = rows.shape
@@ -99,7 +113,7 @@ def plan_queries(n: int, m: int, dim: int, k: int, precision: str, sm_count: int
         Launch(f"sq_norms_{suffix}", (n, 1), g["NORM_THREADS"], ("x", dim, "x_sq")),
         Launch(f"euclidean_topk_{suffix}", (query_blocks, slices), g["THREADS"],
                ("x", "x_sq", "bank", "bank_sq", n, m, dim, per_slice, "part_d", "part_i")),
-        Launch("merge_topk", (math.ceil(n / g["MERGE_THREADS"]), 1), g["MERGE_THREADS"],
+        Launch("merge_topk", (math.ceil(n / g["MERGE_ROWS"]), 1), g["MERGE_THREADS"],
                ("part_d", "part_i", n, lists, "out_d", "out_i")),
     )
     f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
@@ -136,6 +150,7 @@ class GpuNearest:
         self.device = device if isinstance(device, CudaDevice) else CudaDevice(device or "cuda")
         import pycuda.driver as cuda  # importable now that CudaDevice found the driver
 
+        check_range(bank, precision, "the memory bank")
         self.precision = precision
         self.shape = bank.shape
         self.dim = padded_dim(bank.shape[1], precision)
@@ -205,6 +220,7 @@ class GpuNearest:
         import pycuda.driver as cuda
 
         check_query(x, self.shape, k)
+        check_range(x, self.precision, "the patch embeddings")
         plan = plan_queries(x.shape[0], self.shape[0], self.dim, k, self.precision, self.device.sm_count)
         buffers = {name: self._buffer(name, *spec) for name, spec in plan.buffers.items()}
         staged = self._pinned("x", *plan.buffers["x"])
@@ -228,6 +244,20 @@ class GpuNearest:
             cuda.memcpy_dtoh_async(out_i, buffers["out_i"], self.stream)
             self.stream.synchronize()
         return out_d.copy(), out_i.astype(np.int64)
+
+    def close(self) -> None:
+        """Free the bank, the buffers, the stream and the compiled modules now, in this device's context.
+
+        pycuda frees an object when its last reference goes, and only if its context can be made current
+        there: at exit or on another thread it cannot, and the memory leaks (with a warning). Not usable after."""
+        if self.stream is None:
+            return
+        with self.device.active():
+            for allocation in [self._bank, self._bank_sq, *(held for held, _ in self._device_buffers.values())]:
+                allocation.free()
+            # The last references to pinned buffers, stream and modules go here, so they are freed in the context.
+            self._device_buffers, self._host_buffers, self._functions, self._modules = {}, {}, {}, {}
+            self._bank = self._bank_sq = self.stream = None
 
     def time_kernels(self, x: np.ndarray, k: int, repeats: int) -> list[float]:
         """Device time in ms of the query launches alone (queries uploaded once), for the benchmark."""

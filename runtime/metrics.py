@@ -61,6 +61,7 @@ class Metrics:
         self.fps = Rate()
         self.verdicts = {"OK": 0, "NG": 0}
         self.trigger_errors: dict[str, int] = {}
+        self.inspection_errors: dict[str, int] = {}
         self.registry = CollectorRegistry()
         self.inference = Histogram("patchline_inference_seconds", "Time to score one frame (preprocess to score)",
                                    ["camera"], buckets=LATENCY_BUCKETS, registry=self.registry).labels(camera)
@@ -73,6 +74,9 @@ class Metrics:
 
     def trigger_error(self, reason: str) -> None:
         self.trigger_errors[reason] = self.trigger_errors.get(reason, 0) + 1
+
+    def inspection_error(self, reason: str) -> None:
+        self.inspection_errors[reason] = self.inspection_errors.get(reason, 0) + 1
 
 
 class _Collected(Collector):
@@ -106,6 +110,8 @@ class _Collected(Collector):
             "patchline_verdicts": ("Verdicts published, by result", "result", self.metrics.verdicts),
             "patchline_trigger_errors": ("Triggers answered on the error topic, by reason", "reason",
                                          self.metrics.trigger_errors),
+            "patchline_inspection_errors": ("Frames that got no verdict, reported on the error topic, by reason",
+                                            "reason", self.metrics.inspection_errors),
         }
         if self.evidence is not None:
             store = self.evidence
@@ -118,7 +124,8 @@ class _Collected(Collector):
                 family.add_metric([camera, key], value)
             yield family
         family = CounterMetricFamily("patchline_disk_write_failures", "Writes the disk refused, by what was written "
-                                     "(seq_counter, spool, evidence, inspected_files) and error", labels=["camera", "what", "error"])
+                                     "(seq_counter, spool, evidence, inspected_files) and error",
+                                     labels=["camera", "what", "error"])
         for (what, error), value in self.disk.counts.items():
             family.add_metric([camera, what, error], value)
         yield family

@@ -45,6 +45,7 @@ static Fiber* running;
 static const std::function<void()>* kernel_body;
 
 #define __syncthreads() swapcontext(&running->context, &scheduler)
+using std::isnan;
 using std::min;
 
 #include KERNEL_SOURCE

@@ -22,7 +22,7 @@ from patchline.runtime.engine_cache import (
 )
 
 KEY = EngineKey(onnx_sha256="ab" * 32, precision="fp16", batch_profile=(1, 1, 8), tensorrt="10.3.0",
-                compute_capability="8.7")
+                compute_capability="8.7", gpu="Orin")
 
 
 class Builder:
@@ -37,13 +37,14 @@ class Builder:
 
 
 def test_file_name_names_every_key_field() -> None:
-    assert KEY.file_name == "abababababababab_fp16_b1-1-8_sm87_trt10.3.0.engine"
+    assert KEY.file_name == "abababababababab_fp16_b1-1-8_sm87-orin_trt10.3.0.engine"
+    assert replace(KEY, compute_capability="9.0", gpu="NVIDIA H200").file_name.endswith("_sm90-h200_trt10.3.0.engine")
     with_calibration = replace(KEY, precision="int8", calibration_sha256="cd" * 32)
     assert with_calibration.file_name.endswith("_trt10.3.0_calcdcdcdcdcdcd.engine")
     variants = [replace(KEY, **change) for change in (
         {"onnx_sha256": "ef" * 32}, {"precision": "fp32"}, {"batch_profile": (1, 4, 8)}, {"tensorrt": "10.7.0"},
-        {"compute_capability": "9.0"})]
-    assert len({k.file_name for k in [KEY, *variants]}) == 6
+        {"compute_capability": "9.0"}, {"gpu": "NVIDIA GeForce RTX 3090"})]
+    assert len({k.file_name for k in [KEY, *variants]}) == 7
     assert EngineKey.from_json(json.loads(json.dumps(KEY.to_json()))) == KEY
 
 
@@ -64,23 +65,35 @@ def test_missing_engine_is_refused_when_building_is_disabled(tmp_path) -> None:
         ensure_engine(tmp_path, KEY, False, Builder())
 
 
-def test_foreign_engine_is_detected_and_rebuilt(tmp_path) -> None:
+@pytest.mark.parametrize("change,problem", [
+    ({"compute_capability": "9.0", "gpu": "NVIDIA H200"},
+     "it was built for GPU compute capability 9.0 (this box needs 8.7); GPU model NVIDIA H200 (this box needs Orin)"),
+    ({"gpu": "Orin Nano"}, "it was built for GPU model Orin Nano (this box needs Orin)"),  # same architecture
+])
+def test_foreign_engine_is_detected_and_rebuilt(tmp_path, change, problem) -> None:
     """An engine copied in from a box with another GPU, under this key's name, is not trusted."""
     other_box = tmp_path / "other"
     other_box.mkdir()
-    foreign_key = replace(KEY, compute_capability="9.0")
-    foreign, _ = ensure_engine(other_box, foreign_key, True, Builder())
+    foreign, _ = ensure_engine(other_box, replace(KEY, **change), True, Builder())
     here = tmp_path / "here"
     here.mkdir()
     shutil.copy(foreign, here / KEY.file_name)
     shutil.copy(sidecar(foreign), sidecar(here / KEY.file_name))
-    problem = engine_problem(here / KEY.file_name, KEY)
-    assert problem == "it was built for GPU compute capability 9.0 (this box needs 8.7)"
-    with pytest.raises(EngineError, match="compute capability 9.0"):
+    assert engine_problem(here / KEY.file_name, KEY) == problem
+    with pytest.raises(EngineError, match=problem.split("(")[0]):
         ensure_engine(here, KEY, False, Builder())
     build = Builder()
     assert ensure_engine(here, KEY, True, build) == (here / KEY.file_name, True)
     assert engine_problem(here / KEY.file_name, KEY) is None and build.calls == 1
+
+
+def test_engine_from_before_the_gpu_model_was_in_the_key_is_rebuilt(tmp_path) -> None:
+    path, _ = ensure_engine(tmp_path, KEY, True, Builder())
+    meta = json.loads(sidecar(path).read_text())
+    del meta["key"]["gpu"]
+    sidecar(path).write_text(json.dumps(meta))
+    assert "is unreadable" in engine_problem(path, KEY)
+    assert ensure_engine(tmp_path, KEY, True, Builder()) == (path, True)
 
 
 def test_corrupted_or_unexplained_engine_is_rebuilt(tmp_path) -> None:
@@ -128,3 +141,17 @@ def test_tensorrt_config_section() -> None:
         load_config(None, ["tensorrt.batch_profile=[4, 2, 8]"])
     with pytest.raises(ConfigError, match="tensorrt.precision"):
         load_config(None, ["tensorrt.precision=int4"])
+
+
+def test_tensorrt_paths_in_a_config_file_are_relative_to_it(tmp_path, monkeypatch) -> None:
+    """Under systemd the working directory is /: a relative calibration_cache must not resolve against it."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "line.yaml").write_text("tensorrt: {calibration_cache: int8.cache, cache_dir: engines}\n")
+    monkeypatch.chdir("/")
+    settings = load_config(folder / "line.yaml").tensorrt
+    assert (settings.calibration_cache, settings.cache_dir) == (str(folder / "int8.cache"), str(folder / "engines"))
+    absolute = load_config(folder / "line.yaml", [f"tensorrt.cache_dir={tmp_path / 'elsewhere'}"]).tensorrt
+    assert absolute.cache_dir == str(tmp_path / "elsewhere")
+    given = load_config(folder / "line.yaml", ["tensorrt.calibration_cache=here.cache"]).tensorrt
+    assert given.calibration_cache == "here.cache"  # --set: relative to the shell's working directory, as typed
