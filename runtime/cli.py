@@ -17,6 +17,7 @@ from patchline.runtime.config import ConfigError, RunConfig, TensorRtConfig, loa
 from patchline.runtime.cuda_device import GpuUnavailable
 from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
+from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
 from patchline.runtime.inspector import DISTANCES
 from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images, list_images
 
@@ -145,7 +146,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     inspector.warm_up()
     failures = 0
     images = _expand(args.images)
-    for (path, relative), (_, rgb) in zip(images, iter_images(path for path, _ in images)):
+    for (path, relative), (_, rgb) in zip(images, iter_images((path for path, _ in images), args.max_pixels)):
         if isinstance(rgb, ImageError):
             failures += 1
             print(json.dumps({"path": str(path), "error": rgb.reason}), flush=True)
@@ -345,7 +346,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         sys.exit(EXIT_CONFIG)
     try:
         code = daemon.run()
-    except SourceConfigError as exc:  # e.g. the ROI does not fit the first frame
+    except SourceConfigError as exc:  # e.g. an appsink of the pipeline delivers a pixel format we cannot convert
         log.error("source: %s", exc)
         code = EXIT_CONFIG
     sys.exit(code)
@@ -423,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "score":
             p.add_argument("images", type=Path, nargs="+", help="image files or folders")
             p.add_argument("--heatmap-dir", type=Path, help="write a heatmap overlay PNG per image here")
+            p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                           help="refuse (as an error line) images whose header declares more pixels than this "
+                                f"(default {DEFAULT_MAX_PIXELS})")
         else:
             p.add_argument("--data", type=Path, required=True, help="MVTec-AD category folder")
             p.add_argument("--report", type=Path, default=None,

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -274,6 +276,9 @@ class RoiConfig(Section):
 
 class SourceSection(Section):
     roi: RoiConfig | None = None
+    # Larger frames are counted corrupt and skipped; folder and GStreamer sources read the size from an image's
+    # header and refuse it before decoding (a small file may declare gigapixels).
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     # First frame after (re)opening; industrial cameras can take 40 s to start streaming. None: wait forever.
     start_timeout_s: float | None = Field(40.0, gt=0)
     # No frame for this long once frames flowed → a stall: counted, the source is reopened. None: never.
@@ -339,11 +344,15 @@ class EvidenceConfig(Section):
     enabled: bool = True
     dir: str | None = None  # default: <state_dir>/evidence
     quota_mb: float = Field(500.0, gt=0)
+    # Evidence never takes the disk below this much free space (older evidence is deleted first, else none is
+    # written): the seq counter, the MQTT spool and the system share it.
+    min_free_mb: float = Field(100.0, ge=0)
     format: Literal["png", "jpg"] = "png"  # of the frame; png keeps the exact pixels for retraining
 
 
 class TriggerConfig(Section):
-    # A trigger with no frame captured at or after it within this time is answered on the error topic.
+    # A trigger not inspected within this time is answered on the error topic: no_frame when no frame was
+    # captured at or after it, model_busy when its frame was but the model was busy with earlier triggers.
     timeout_s: float = Field(5.0, gt=0)
     max_pending: int = Field(32, ge=1)
 

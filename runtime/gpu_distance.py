@@ -65,6 +65,7 @@ class QueryPlan:
 
     launches: tuple[Launch, ...]
     buffers: dict[str, tuple[tuple[int, ...], np.dtype]]
+    upload: str  # the buffer the host fills with the queries as they are: float32, (n, dim)
 
 
 def padded_dim(dim: int, precision: str) -> int:
@@ -97,35 +98,39 @@ def bank_norm_launch(m: int, dim: int, precision: str) -> Launch:
 
 
 def plan_queries(n: int, m: int, dim: int, k: int, precision: str, sm_count: int) -> QueryPlan:
-    """Launches for ``n`` queries against an ``m``-row bank (``dim`` = padded dims).
+    """Launches for ``n`` queries of ``dim`` dims against an ``m``-row bank.
 
     The bank is split into slices so that even one frame's queries fill about four blocks
     per multiprocessor; every slice gets at least one tile.
     """
     g = geometry()
-    tile, suffix = g["TILE"], _SUFFIX[precision]
+    tile, suffix, padded = g["TILE"], _SUFFIX[precision], padded_dim(dim, precision)
     tiles, query_blocks = math.ceil(m / tile), math.ceil(n / tile)
     wanted = max(1, math.ceil(4 * sm_count / query_blocks))
     per_slice = math.ceil(tiles / min(wanted, tiles))
     slices = math.ceil(tiles / per_slice)
     lists = slices * g["LANES"]
+    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
+    # FP32 queries are searched as uploaded; FP16 ones are rounded on the GPU first (kernel to_half).
+    convert = (Launch("to_half", (n, 1), g["NORM_THREADS"], ("x_in", dim, padded, "x")),) if precision == "fp16" else ()
     launches = (
-        Launch(f"sq_norms_{suffix}", (n, 1), g["NORM_THREADS"], ("x", dim, "x_sq")),
+        *convert,
+        Launch(f"sq_norms_{suffix}", (n, 1), g["NORM_THREADS"], ("x", padded, "x_sq")),
         Launch(f"euclidean_topk_{suffix}", (query_blocks, slices), g["THREADS"],
-               ("x", "x_sq", "bank", "bank_sq", n, m, dim, per_slice, "part_d", "part_i")),
+               ("x", "x_sq", "bank", "bank_sq", n, m, padded, per_slice, "part_d", "part_i")),
         Launch("merge_topk", (math.ceil(n / g["MERGE_ROWS"]), 1), g["MERGE_THREADS"],
                ("part_d", "part_i", n, lists, "out_d", "out_i")),
     )
-    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
     buffers = {
-        "x": ((n, dim), PRECISIONS[precision]),
+        **({"x_in": ((n, dim), f32)} if convert else {}),
+        "x": ((n, padded), PRECISIONS[precision]),
         "x_sq": ((n,), f32),
         "part_d": ((lists * k, n), f32),
         "part_i": ((lists * k, n), i32),
         "out_d": ((n, k), f32),
         "out_i": ((n, k), i32),
     }
-    return QueryPlan(launches, buffers)
+    return QueryPlan(launches, buffers, "x_in" if convert else "x")
 
 
 def check_query(x: np.ndarray, bank_shape: tuple[int, int], k: int) -> None:
@@ -220,13 +225,11 @@ class GpuNearest:
         import pycuda.driver as cuda
 
         check_query(x, self.shape, k)
-        check_range(x, self.precision, "the patch embeddings")
-        plan = plan_queries(x.shape[0], self.shape[0], self.dim, k, self.precision, self.device.sm_count)
+        plan = plan_queries(x.shape[0], self.shape[0], self.shape[1], k, self.precision, self.device.sm_count)
         buffers = {name: self._buffer(name, *spec) for name, spec in plan.buffers.items()}
-        staged = self._pinned("x", *plan.buffers["x"])
-        staged[:, : x.shape[1]] = x
-        staged[:, x.shape[1]:] = 0
-        cuda.memcpy_htod_async(buffers["x"], staged, self.stream)
+        staged = self._pinned(plan.upload, *plan.buffers[plan.upload])
+        staged[:] = x
+        cuda.memcpy_htod_async(buffers[plan.upload], staged, self.stream)
         return plan, buffers
 
     def nearest(self, x: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -123,3 +123,48 @@ def mosquitto(tmp_path: Path):
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """mount(size_mb) → a real tmpfs of that size mounted for this test (unmounted after it); skipped, with
+    the reason, where mounting is not permitted (the full-disk tests need root or CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size_mb: int) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a {size_mb} MB tmpfs here: {result.stderr.strip() or result.returncode}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "--lazy", str(point)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file into ``disk`` until the filesystem refuses (ENOSPC): 100 % full. Returns the file."""
+    import errno
+    import os
+
+    hog = disk / f"hog{len(list(disk.glob('hog*')))}"
+    fd = os.open(hog, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    try:
+        while True:  # the last pages, a little at a time
+            os.write(fd, bytes(512))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return hog

@@ -52,7 +52,7 @@ def test_bench_names_a_frame_that_does_not_decode(small_artifact, tmp_path):
     frames = tmp_path / "frames"
     frames.mkdir()
     (frames / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(SystemExit, match=r"broken\.png: not a decodable image"):
+    with pytest.raises(SystemExit, match=r"broken\.png: not an image in a known format"):
         main(["bench", "--artifact", str(small_artifact), "--images", str(frames), "--frames", "1", "--warmup", "1",
               "--out", str(tmp_path / "results")])
 

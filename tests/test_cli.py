@@ -50,11 +50,21 @@ def test_score_prints_json_lines_and_writes_heatmaps(cli_artifact, sample_data, 
     assert np.mean(bad) > np.mean(good)
 
 
-def test_score_reports_unreadable_images_and_exits_nonzero(cli_artifact, tmp_path):
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    result = patchline("score", "--artifact", str(cli_artifact), str(tmp_path / "broken.png"), check=False)
+def test_score_reports_unreadable_images_and_exits_nonzero(cli_artifact, sample_data, tmp_path):
+    from tests.hostile import lying_png
+
+    (tmp_path / "a-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "b-lying.png").write_bytes(lying_png())  # 69 bytes declaring 50000x50000 (OpenCV 5 asserts on it)
+    (tmp_path / "c-good.png").write_bytes((sample_data / "test" / "good" / "000.png").read_bytes())
+    result = patchline("score", "--artifact", str(cli_artifact), str(tmp_path), check=False)
     assert result.returncode == 1
-    assert json.loads(result.stdout)["error"].startswith("not a decodable image")
+    broken, lying, good = (json.loads(line) for line in result.stdout.splitlines())
+    assert broken["error"].startswith("PNG header cut short")
+    assert lying["error"] == "its PNG header declares 50000x50000 pixels, more than the limit of 100000000 (max_pixels)"
+    assert good["path"].endswith("c-good.png") and good["score"] > 0  # the files after a bad one are scored
+    result = patchline("score", "--artifact", str(cli_artifact), "--max-pixels", "100", str(tmp_path / "c-good.png"),
+                       check=False)
+    assert result.returncode == 1 and "128x128 pixels, more than the limit of 100" in result.stdout
 
 
 def test_bad_config_and_artifact_refuse_with_a_clear_message(tmp_path, sample_data):

@@ -76,6 +76,7 @@ class Subscriber:
 
     def __init__(self, port: int) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
+        self.evidence_on_arrival: dict[str, list[str]] = {}  # a verdict's evidence folder: its files when it came
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
@@ -87,6 +88,8 @@ class Subscriber:
         assert subscribed.wait(5)
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic == f"patchline/{CAMERA}/verdict" and (folder := json.loads(message.payload)["evidence"]):
+            self.evidence_on_arrival[folder] = sorted(p.name for p in Path(folder).glob("*"))
         with self.lock:
             self.messages.append(message)
 
@@ -167,9 +170,11 @@ def test_video_with_known_defects_gives_the_right_verdicts_on_the_broker(tmp_pat
     for v in verdicts:
         if v["verdict"] == "NG":
             assert np.hypot(v["location"]["x"] - 60, v["location"]["y"] - 70) < 24, v["location"]
-            assert sorted(p.name for p in Path(v["evidence"]).iterdir()) == ["frame.png", "heatmap.jpg"]
+            # The evidence existed when the verdict naming it arrived.
+            assert subscriber.evidence_on_arrival[v["evidence"]] == ["frame.png", "heatmap.jpg"]
         else:
             assert v["evidence"] is None
+        assert v["evidence_error"] is None
 
     # Mirrors, in the same order, with the same values.
     assert [m.payload.decode() for m in subscriber.on("verdict/state")] == [v["verdict"] for v in verdicts]
@@ -345,17 +350,18 @@ def test_refuses_to_start_without_calibration_or_threshold(tmp_path, small_artif
 def test_evidence_keeps_the_newest_folders_within_the_quota(tmp_path):
     rng = np.random.default_rng(0)
     store = EvidenceStore(tmp_path / "evidence", quota_mb=0.5, image_format="png")
-    folders = []
+    settled = []
     for seq in range(1, 9):
         noise = rng.integers(0, 255, (240, 320, 3), np.uint8)  # incompressible: ~230 kB per PNG
-        folders.append(store.submit(seq, 1_700_000_000 + seq, noise, rng.random((64, 64)).astype(np.float32)))
+        store.submit(seq, 1_700_000_000 + seq, noise, rng.random((64, 64)).astype(np.float32),
+                     lambda folder, error: settled.append((folder, error)))
         time.sleep(0.05)  # let the writer keep up; a backlog would drop evidence instead (counted)
     store.close()
     kept = sorted(p for p in (tmp_path / "evidence").iterdir())
     size = sum(f.stat().st_size for p in kept for f in p.iterdir())
-    assert store.saved == 8 and store.dropped == 0
+    assert store.saved == 8 and store.dropped == 0 and all(error is None for _, error in settled)
     assert size <= 0.5 * 1024 * 1024 and len(kept) >= 1
-    assert [str(p) for p in kept] == folders[-len(kept):]  # the oldest went first
+    assert [str(p) for p in kept] == [folder for folder, _ in settled][-len(kept):]  # the oldest went first
     assert sorted(f.name for f in kept[-1].iterdir()) == ["frame.png", "heatmap.jpg"]
 
 
@@ -363,12 +369,16 @@ def test_evidence_writer_survives_a_failing_job_and_close_returns(tmp_path):
     rng = np.random.default_rng(0)
     store = EvidenceStore(tmp_path / "evidence", quota_mb=5, image_format="png")
     image = rng.integers(0, 255, (64, 64, 3), np.uint8)
-    store.submit(1, 1_700_000_001, image, np.zeros((0, 0), np.float32))  # empty map: ValueError, not OSError
-    kept = store.submit(2, 1_700_000_002, image, rng.random((8, 8)).astype(np.float32))
+    settled = []
+    # An empty map: ValueError, not OSError.
+    store.submit(1, 1_700_000_001, image, np.zeros((0, 0), np.float32), lambda *result: settled.append(result))
+    store.submit(2, 1_700_000_002, image, rng.random((8, 8)).astype(np.float32), lambda *result: settled.append(result))
     started = time.monotonic()
     store.close(timeout=10)
     assert time.monotonic() - started < 5 and not store._thread.is_alive()
     assert (store.saved, store.failed) == (1, 1)
+    (failed, why), (kept, none) = settled
+    assert (failed, why, none) == (None, "write_failed", None)
     assert [str(p) for p in (tmp_path / "evidence").iterdir()] == [kept]  # the failed folder was removed
 
 

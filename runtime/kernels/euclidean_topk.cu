@@ -9,6 +9,7 @@
 //
 // Compile with -DTOPK=<k>. The host side (patchline/runtime/gpu_distance.py) reads the
 // #defines below, so geometry lives only here. Launches:
+//   to_half(src, dim, padded, dst)               grid (rows),                       block (NORM_THREADS)
 //   sq_norms_{f32,f16}(x, dim, out)              grid (rows),                       block (NORM_THREADS)
 //   euclidean_topk_{f32,f16}(...)                grid (ceil(n / TILE), slices),     block (THREADS)
 //   merge_topk(part_d, part_i, n, lists, ...)    grid (ceil(n / MERGE_ROWS)),       block (MERGE_THREADS)
@@ -191,6 +192,15 @@ __device__ __forceinline__ void topk_tiles(const T* __restrict__ x, const float*
             part_i[at] = best_i[j];
         }
     }
+}
+
+// FP16 queries arrive as float and are rounded here: on the host, numpy's float16 cast took longer than the
+// search itself. A value beyond ±65504 rounds to inf, and the search makes such a row infinitely far.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    to_half(const float* src, int dim, int padded, __half* dst) {
+    const size_t row = blockIdx.x;
+    for (int c = threadIdx.x; c < padded; c += blockDim.x)
+        dst[row * padded + c] = __float2half_rn(c < dim ? src[row * dim + c] : 0.0f);
 }
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) sq_norms_f32(const float* x, int dim, float* out) {
