@@ -10,7 +10,7 @@ ARTIFACT ?= artifacts/model
 # TensorRT, pycuda, CuPy of that CUDA major); cpu,jetson on a Jetson. Exactly one: they overwrite each other.
 RUNTIME_EXTRA ?= cpu
 
-.PHONY: demo test test-py311 test-py310 export system-deps venv clean engine bench bench-gpu gpu-check install
+.PHONY: demo demo-artifact test test-py311 test-py310 export system-deps venv clean engine bench bench-gpu gpu-check install
 
 # Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
 system-deps:
@@ -39,11 +39,14 @@ $(VENV310)/bin/patchline: pyproject.toml constraints.txt
 	$(VENV310)/bin/pip install -q -c constraints.txt -e '.[cpu,test]'
 	touch $@
 
-demo: venv
+# The demo's calibrated model, which make demo, bench-gpu and gpu-check start from.
+demo-artifact: venv
 	$(BIN)/patchline sample-data $(DEMO)/data
 	$(BIN)/patchline export --config configs/demo.yaml --images $(DEMO)/data --out $(DEMO)/artifact
 	$(BIN)/patchline sample-data $(DEMO)/val --train 0 --test-good 20 --per-defect 6 --seed 1
 	$(BIN)/patchline calibrate --artifact $(DEMO)/artifact --val $(DEMO)/val --defects $(DEMO)/val
+
+demo: demo-artifact
 	$(BIN)/patchline quantize --artifact $(DEMO)/artifact --images $(DEMO)/data --val $(DEMO)/val
 	$(BIN)/patchline eval --artifact $(DEMO)/artifact --data $(DEMO)/data
 	$(BIN)/python -m patchline.runtime.demo --dir $(DEMO)
@@ -59,21 +62,18 @@ engine: venv
 # Engine, distance kernel vs cuBLAS (needs CuPy), end to end; JSON under bench/results/.
 BENCH_ARTIFACT ?= $(DEMO)/artifact
 bench-gpu: venv
-	test -f $(BENCH_ARTIFACT)/manifest.json || $(MAKE) demo
+	test -f $(BENCH_ARTIFACT)/manifest.json || $(MAKE) demo-artifact
 	$(BIN)/patchline bench-gpu --artifact $(BENCH_ARTIFACT) --config $(CONFIG)
 
 # GPU box only: the prepared check (README "GPU check") — the demo artifact, then every GPU combination's scores
-# against the CPU runtime, the GPU tests and bench-gpu, in one JSON report under bench/results/.
+# against the CPU runtime, the GPU tests and bench-gpu, in one JSON report under bench/results/. Its own venv with
+# the GPU extra: a CPU venv's onnxruntime and onnxruntime-gpu would overwrite each other.
 GPU_EXTRA ?= gpu
-gpu-check: system-deps
-	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[export,calibration,dev,$(GPU_EXTRA)]'
-	test -f $(DEMO)/artifact/manifest.json || { \
-	  $(BIN)/patchline sample-data $(DEMO)/data && \
-	  $(BIN)/patchline export --config configs/demo.yaml --images $(DEMO)/data --out $(DEMO)/artifact --quiet && \
-	  $(BIN)/patchline sample-data $(DEMO)/val --train 0 --test-good 20 --per-defect 6 --seed 1 && \
-	  $(BIN)/patchline calibrate --artifact $(DEMO)/artifact --val $(DEMO)/val --defects $(DEMO)/val; }
-	$(BIN)/patchline gpu-check --artifact $(DEMO)/artifact --images $(DEMO)/data/test --out bench/results
+VENV_GPU  ?= .venv-gpu
+gpu-check:
+	test -f $(DEMO)/artifact/manifest.json || $(MAKE) demo-artifact VENV=$(VENV_GPU) RUNTIME_EXTRA=$(GPU_EXTRA)
+	$(MAKE) venv VENV=$(VENV_GPU) RUNTIME_EXTRA=$(GPU_EXTRA)
+	$(VENV_GPU)/bin/patchline gpu-check --artifact $(DEMO)/artifact --images $(DEMO)/data/test --out bench/results
 
 # The whole suite on Python 3.11, then the runtime's tests on Python 3.10.
 test: test-py311 test-py310
