@@ -241,6 +241,8 @@ def test_each_trigger_is_answered_with_the_first_frame_captured_after_it_however
         after = latency["trigger_to_verdict"] - v["frame_age_ms"]
         assert -0.01 <= after < 100, (v["part_id"], after)
     captured = [epoch_seconds(v["timestamp"]) for v in answers]
-    assert captured == sorted(captured) and captured[-1] - captured[0] >= 0.3  # in order, over the triggers' span
+    # In order, over the triggers' span: sent over 0.4 s, they can arrive closer together on a loaded machine (two
+    # once shared a frame, each rightly: the per-trigger check above holds), so allow two frame intervals less.
+    assert captured == sorted(captured) and captured[-1] - captured[0] >= 0.2 - 1e-6
     error = json.loads(subscriber.on("error")[0].payload)
     assert (error["error"], error["part_id"]) == ("no_frame", "AFTER")
