@@ -19,7 +19,7 @@ system-deps:
 # --system-site-packages: GStreamer's Python bindings come from Debian, not PyPI.
 $(BIN)/patchline: pyproject.toml constraints.txt
 	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[export,calibration,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[export,calibration,dev,bench]'
 	touch $@
 
 venv: system-deps $(BIN)/patchline

@@ -204,9 +204,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
-    from patchline.export.synthetic import generate
+    if args.real:
+        from patchline.export.real_photos import DEFAULT_PHOTOS, generate_real
 
-    root = generate(args.out, args.train, args.test_good, args.per_defect, args.size, args.seed)
+        try:
+            root = generate_real(args.out, args.photos.split(",") if args.photos else DEFAULT_PHOTOS, args.train,
+                                 args.test_good, args.per_defect, args.size, args.seed)
+        except (ModuleNotFoundError, ValueError) as exc:
+            raise SystemExit(f"patchline: {exc}") from exc
+    else:
+        from patchline.export.synthetic import generate
+
+        root = generate(args.out, args.train, args.test_good, args.per_defect, args.size, args.seed)
     print(f"sample data written to {root}")
 
 
@@ -397,8 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("sample-data", help="generate the synthetic demo data set (MVTec layout)")
+    p = sub.add_parser("sample-data", help="generate the synthetic demo data set, or a real-photo one (MVTec layout)")
     p.add_argument("out", type=Path)
+    p.add_argument("--real", action="store_true",
+                   help="crops of real photographs (scikit-image's bundled ones) instead of the synthetic part")
+    p.add_argument("--photos", help="with --real: the photographs, comma separated (default: the 13 listed in "
+                                    "export/real_photos.py; brick, gravel and grass are refused)")
     p.add_argument("--train", type=int, default=40)
     p.add_argument("--test-good", type=int, default=10)
     p.add_argument("--per-defect", type=int, default=6)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic data set, a small exported artifact, a real broker."""
+"""Shared fixtures: small synthetic and real-photo data sets, small artifacts exported from them, a real broker."""
 
 from __future__ import annotations
 
@@ -40,6 +40,24 @@ def small_artifact(sample_data: Path, small_config, tmp_path_factory: pytest.Tem
 
     out = tmp_path_factory.mktemp("artifact")
     export_artifact(small_config, sample_data, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_photo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Crops of scikit-image's real photographs, one training crop per photograph."""
+    from patchline.export.real_photos import DEFAULT_PHOTOS, generate_real
+
+    return generate_real(tmp_path_factory.mktemp("real"), DEFAULT_PHOTOS, train=len(DEFAULT_PHOTOS), test_good=4,
+                         per_defect=2, size=128, seed=1)
+
+
+@pytest.fixture(scope="session")
+def real_photo_artifact(real_photo_data: Path, small_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from patchline.export.fit import export_artifact
+
+    out = tmp_path_factory.mktemp("real_artifact")
+    export_artifact(small_config, real_photo_data, out, progress=False)
     return out
 
 
