@@ -279,11 +279,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from patchline.runtime.bank_index import add_index
+    from patchline.runtime.bank_index import add_index, held_out_frames
 
-    index = add_index(args.artifact)
+    held_out = held_out_frames(args.artifact, args.images) if args.images else None
+    index = add_index(args.artifact, held_out)
     print(json.dumps({"artifact": str(args.artifact), "projection_dims": index.basis.shape[1],
-                      "knn": list(index.knn.shape) if index.knn is not None else None}))
+                      "knn": list(index.knn.shape) if index.knn is not None else None,
+                      "search": index.choice.model_dump() if index.choice else None}))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -453,8 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("index", help="add the bank search index to an artifact exported without one")
+    p = sub.add_parser("index", help="(re)build the bank search index and measure the default search on this machine")
     p.add_argument("artifact", type=Path)
+    p.add_argument("--images", type=Path,
+                   help="good images the model was not trained on, to measure with (default: held-out bank rows)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("run", help="the edge daemon: inspect a camera's frames and publish verdicts over MQTT")
