@@ -266,12 +266,11 @@ def cmd_import_anomalib(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from patchline.runtime.bank_index import SEARCH_DIMS
     from patchline.runtime.bench import BenchOptions, format_table, run_bench
 
     options = BenchOptions(
         artifact=args.artifact, images=args.images, frames=args.frames, warmup=args.warmup, threads=args.threads,
-        variants=[v for v in args.variants.split(",") if v], model_file=args.model_file, dims=args.dims or SEARCH_DIMS, bank_size=args.bank_size,
+        variants=[v for v in args.variants.split(",") if v], model_file=args.model_file, dims=args.dims, bank_size=args.bank_size,
         random_bank=args.random_bank, graph_optimization=args.graph_opt, compare=args.compare,
         baseline_weights=args.baseline_weights, publish=args.publish, accuracy=args.accuracy, out_dir=args.out,
     )
@@ -440,10 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime and torch intra-op threads")
     p.add_argument("--variants", default="exact",
-                   help="comma list of plain, projected, exact, approximate; NAME:DIMS for other projected dims, "
+                   help="comma list of exact (the artifact's default search), pruned, projected, plain, approximate; "
+                        "NAME:DIMS for other projected dims, "
                         "NAME@MODEL_FILE for another model file")
     p.add_argument("--model-file", help="model file of the artifact for every variant, e.g. model.int8.onnx")
-    p.add_argument("--dims", type=int, default=None, help="projected dimensions of the bound search")
+    p.add_argument("--dims", type=int, default=None,
+                   help="projected dimensions of the pruned searches (default: the artifact's measured choice)")
     p.add_argument("--bank-size", type=int, help="subsample the bank to this many rows (or size of --random-bank)")
     p.add_argument("--random-bank", action="store_true", help="Gaussian bank rows with the bank's mean/std")
     p.add_argument("--graph-opt", choices=list(GRAPH_OPTIMIZATION), default="all",
