@@ -229,6 +229,25 @@ def read_index(artifact: Artifact) -> BankIndex:
     return BankIndex(mean, basis, knn, choice)
 
 
+def index_for_this_machine(artifact: Artifact) -> BankIndex:
+    """The artifact's index, its search choice measured again (in memory) when another CPU or core count measured it.
+
+    The choice says which search was faster where it was measured; an edge box with another
+    processor can rank them otherwise, so it measures for itself on held-out bank rows
+    (about a second) and logs what it found. `patchline index ART` there writes it down.
+    """
+    index = read_index(artifact)
+    choice = index.choice
+    if choice is None or (choice.cpu, choice.threads) == (cpu_model(), available_cores()):
+        return index
+    held_out = held_out_bank_rows(artifact.bank)
+    if held_out is None:
+        return index
+    log.info("%s: search measured on %s with %d threads; measuring again on this %s with %d", artifact.folder,
+             choice.cpu, choice.threads, cpu_model(), available_cores())
+    return replace(index, choice=measure_search(artifact.bank, index, held_out, choice.dims))
+
+
 def add_index(folder: str | Path, held_out: HeldOut | None = None) -> BankIndex:
     """Build the index and measure the default search again (on this machine); the manifest is re-checksummed.
 

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
-from patchline.runtime.bank_index import SEARCH_DIMS, BankIndex, build_index, read_index
+from patchline.runtime.bank_index import BankIndex, build_index, index_for_this_machine
 from patchline.runtime.distance import available_cores, cpu_model
 from patchline.runtime.inspector import Inspection, Inspector
 from patchline.runtime.preprocess import decode_image, evaluation_root, list_images
@@ -315,7 +315,7 @@ def run_bench(options: BenchOptions) -> dict:
     manifest = artifact.manifest
     bank = _replace_bank(artifact, options)
     t0 = time.perf_counter()
-    index = read_index(artifact) if bank is artifact.bank else build_index(bank, manifest.num_neighbors)
+    index = index_for_this_machine(artifact) if bank is artifact.bank else build_index(bank, manifest.num_neighbors)
     index_s = time.perf_counter() - t0
     if any(parse_variant(v).search != "plain" for v in options.variants) and index.basis is None:
         raise ValueError(f"{options.artifact}: no bank projection in the artifact; only the 'plain' variant can run "

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
-from patchline.runtime.bank_index import read_index
+from patchline.runtime.bank_index import index_for_this_machine
 from patchline.runtime.config import TensorRtConfig
 from patchline.runtime.engine import accepted_options, create_engine
 from patchline.runtime.score import MemoryBank, anomaly_map, image_score
@@ -34,7 +34,8 @@ class Inspector:
     ``distance`` picks where patches meet the memory bank: "cpu" (numpy BLAS) or the CUDA
     kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16"). ``precision``
     picks the artifact's fp32 model or its INT8 one (``patchline quantize``). ``search`` is the
-    CPU's nearest-row search: "auto" (what the artifact's measurement chose), "pruned" or "plain"
+    CPU's nearest-row search: "auto" (what the artifact's measurement chose, measured again at load
+    when it was measured on another processor or core count), "pruned" or "plain"
     (score.MemoryBank); ``search_dims`` overrides the pruned search's projected directions.
     """
 
@@ -75,8 +76,9 @@ class Inspector:
                 engine_options[option] = value
         self.engine = create_engine(engine, self.artifact, **engine_options)
         self.checksum = self.artifact.checksum(self.model_file)  # the identity verdicts carry
-        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads,
-                               str(self.artifact.folder), search)
+        index = index_for_this_machine(self.artifact)
+        self.bank = MemoryBank(self.artifact.bank, index, search_dims, approximate, threads, str(self.artifact.folder),
+                               search)
         self.gpu_bank = None
         if distance != "cpu":
             from patchline.runtime.gpu_distance import GpuNearest

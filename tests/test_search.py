@@ -2,6 +2,7 @@
 artifacts without the index still load and score."""
 
 import json
+import os
 import re
 import shutil
 
@@ -17,6 +18,7 @@ from patchline.runtime.bank_index import (
     BankIndex,
     add_index,
     held_out_bank_rows,
+    index_for_this_machine,
     measure_search,
     principal_directions,
     read_index,
@@ -245,6 +247,19 @@ def test_patchline_index_measures_again_on_given_images(small_artifact, sample_d
     printed = json.loads(capsys.readouterr().out)
     choice = load_artifact(folder).manifest.search
     assert printed["search"] == choice.model_dump() and choice.held_out == "given images" and choice.frames == 4
+
+
+def test_another_machine_measures_the_search_again_at_load(small_artifact, tmp_path):
+    folder = tmp_path / "art"
+    shutil.copytree(small_artifact, folder)
+    assert index_for_this_machine(load_artifact(folder)).choice == load_artifact(folder).manifest.search
+    data = json.loads((folder / "manifest.json").read_text())
+    data["search"].update(cpu="a processor measured elsewhere", threads=64)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    choice = index_for_this_machine(load_artifact(folder)).choice
+    assert choice.cpu == cpu_model() and choice.threads == len(os.sched_getaffinity(0))
+    assert choice.held_out == "bank rows"
+    assert load_artifact(folder).manifest.search.cpu == "a processor measured elsewhere"  # measured in memory only
 
 
 @pytest.mark.parametrize("change, message", [
