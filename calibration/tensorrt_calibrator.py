@@ -1,8 +1,9 @@
 """INT8 calibration of the TensorRT engine, fed by the same batches as the ONNX Runtime quantiser.
 
-TensorRT 10 still offers implicit INT8 calibration through ``IInt8EntropyCalibrator2`` (deprecated
-since 10.1 in favour of explicit Q/DQ models, such as ``model.int8.onnx``, which TensorRT also
-builds). ``calibrate_engine`` calibrates from images while it builds the engine and writes the
+TensorRT 8.6 and 10 offer implicit INT8 calibration through ``IInt8EntropyCalibrator2`` (deprecated
+since 10.1 in favour of explicit Q/DQ models; TensorRT 11 removed it and is refused here with the reason:
+its Q/DQ models must be symmetric int8, which ``model.int8.onnx``, made for ONNX Runtime, is not).
+``calibrate_engine`` calibrates from images while it builds the engine and writes the
 calibration cache to ``tensorrt.calibration_cache``; later builds of that engine (a TensorRT
 upgrade, another box of the same GPU) replay the cache instead of needing the images. tensorrt and
 pycuda are imported only when calibrating.
@@ -26,9 +27,12 @@ log = logging.getLogger("patchline.calibration")
 def entropy_calibrator(batches: CalibrationBatches, cache_file: str | Path, device: object):  # noqa: ANN201
     """A ``tensorrt.IInt8EntropyCalibrator2`` that copies each batch to ``device`` (a CudaDevice) and writes
     its cache to ``cache_file``. Its buffer lives in the device's primary context, the one engines are built in."""
-    import pycuda.driver as cuda
-    import tensorrt as trt
+    import pycuda.driver as cuda  # importable: ``device`` is a CudaDevice
 
+    from patchline.runtime.trt_build import require_int8_calibration, tensorrt_module
+
+    trt = tensorrt_module()
+    require_int8_calibration(trt)  # TensorRT 11 has no IInt8EntropyCalibrator2
     cache_file = Path(cache_file)
     height, width = batches.preprocess.input_size
     batch_bytes = batches.batch_size * 3 * height * width * np.dtype(np.float32).itemsize
@@ -77,11 +81,12 @@ def calibrate_engine(
     Calibration runs at the profile's opt batch, as TensorRT feeds it.
     """
     from patchline.runtime.cuda_device import CudaDevice
-    from patchline.runtime.trt_build import prepare_engine
+    from patchline.runtime.trt_build import prepare_engine, require_int8_calibration, tensorrt_module
 
     if settings.precision != "int8" or not settings.calibration_cache:
         raise ValueError("TensorRT calibration is for tensorrt.precision: int8 with tensorrt.calibration_cache set "
                          "to the file to write")
+    require_int8_calibration(tensorrt_module())  # before any image is read or GPU touched
     artifact = load_artifact(artifact_dir)
     gpu = CudaDevice(device)
     paths = calibration_images(images_dir, val_dir, limit)

@@ -8,7 +8,7 @@ The layout relied on, from anomalib 2.x's source (``src/anomalib/models/image/pa
 ``models/components/feature_extractors/timm.py``, ``post_processing/post_processor.py``,
 ``models/components/base/anomalib_module.py`` and ``export_mixin.py``):
 
-Lightning checkpoint (``*.ckpt``), a dict:
+Lightning checkpoint (``*.ckpt``, ``engine.trainer.save_checkpoint``), a dict:
   ``state_dict``
     ``model.feature_extractor.feature_extractor.<key>``  the backbone: TimmFeatureExtractor's
         ``timm.create_model(backbone, features_only=True, exportable=True, out_indices=<layers' indices>)``
@@ -18,21 +18,31 @@ Lightning checkpoint (``*.ckpt``), a dict:
     ``post_processor.image_min`` / ``image_max`` / ``pixel_min`` / ``pixel_max``
                                                  min-max normalisation statistics (NaN until validated)
   ``hyper_parameters`` (Lightning's ``save_hyperparameters`` of ``Patchcore.__init__``)
-    ``backbone`` (timm name), ``layers``, ``num_neighbors``, ``coreset_sampling_ratio``,
-    ``pre_processor`` / ``post_processor``: ``True`` (the defaults) or the objects passed.
+    ``backbone`` (timm name), ``layers``, ``num_neighbors``, ``coreset_sampling_ratio``.
+  The pre- and post-processor, in two layouts:
+    anomalib 2.7 (``AnomalibModule.on_save_checkpoint``): ``anomalib_components_enabled`` (which of
+      them exist), ``anomalib_pre_processor_config = {"transform": spec}`` with the transform as plain
+      data, ``{"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [256, 256], ...}}``
+      (``Compose`` nesting its ``transforms``; ``None`` when anomalib could not serialise it), and
+      ``anomalib_post_processor_config`` (``image_sensitivity``, ``enable_normalization``, ...).
+    earlier 2.x releases: ``hyper_parameters["pre_processor"]`` / ``["post_processor"]``, either the
+      pickled objects passed to ``Patchcore`` or ``True`` for "the default of the anomalib release that
+      wrote the file". That default changed between releases (first Resize + a CenterCrop of 224/256 of
+      the size, later Resize alone), so ``True`` says nothing patchline can rely on: such a file is refused.
 Exported torch model (``engine.export(model, ExportType.TORCH)``): ``{"model": <Patchcore>}``, the whole
   LightningModule pickled; the same tensors sit in its module tree under the same dotted names, the
   backbone, layers and num_neighbors are attributes of ``model.model`` (PatchcoreModel), and the
-  pre-/post-processors are the submodules ``pre_processor`` / ``post_processor``.
+  pre-/post-processors are the submodules ``pre_processor`` / ``post_processor``. The pre-processor's
+  ``transform`` is the one the memory bank was fitted with (its ``export_transform``, which anomalib
+  applies only when the exported module is called directly, drops the antialiasing: not the fitted pixels).
 
 anomalib's scoring (PatchcoreModel.forward): each layer 3×3 average-pooled, resized to the first
 layer's grid, concatenated — patchline's ``PatchEmbedding`` — then the nearest bank row and the
 k-neighbour reweighting, as ``patchline.runtime.score``. TimmFeatureExtractor zips the layer names with
 timm's outputs, which come in network order, so the concatenation is always in network order.
-The default pre-processor (``Patchcore.configure_pre_processor``) is Resize((256, 256), antialias=True),
-CenterCrop((224, 224)), Normalize(ImageNet). The post-processor's normalisation
-``clip((score − threshold) / (max − min) + 0.5, 0, 1)`` is ``patchline.runtime.decision.normalise``,
-and its label (normalised score > 1 − sensitivity, 0.5 by default) is patchline's score > threshold.
+The post-processor's normalisation ``clip((score − threshold) / (max − min) + 0.5, 0, 1)`` is
+``patchline.runtime.decision.normalise``; its label, normalised score > 1 − sensitivity, is the raw score
+above threshold + (0.5 − sensitivity)·(max − min), which becomes the artifact's threshold.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ from patchline.export.embedding import PatchEmbedding
 from patchline.export.fit import write_artifact
 from patchline.export.onnx_export import INPUT_NAME
 from patchline.runtime.artifact import BackboneInfo, Manifest, PreprocessInfo, TrainingInfo, sha256_file
-from patchline.runtime.config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig
+from patchline.runtime.config import ExportConfig
 from patchline.runtime.decision import Calibration
 
 log = logging.getLogger("patchline.export")
@@ -62,7 +72,9 @@ log = logging.getLogger("patchline.export")
 BACKBONE_PREFIX = "model.feature_extractor.feature_extractor."
 BANK_KEY = "model.memory_bank"
 POST = "post_processor."
-DEFAULT_RESIZE, DEFAULT_CROP = (256, 256), (224, 224)
+# anomalib 2.7's checkpoint keys for its components (AnomalibModule.on_save_checkpoint).
+ENABLED, PRE_CONFIG, POST_CONFIG = "anomalib_components_enabled", "anomalib_pre_processor_config", "anomalib_post_processor_config"
+CROPS = {"CenterCrop", "ExportableCenterCrop"}  # anomalib's export variant crops at the same offsets
 # Steps that only turn an image into a float tensor in [0, 1]: what patchline's preprocessing does anyway.
 CONVERSIONS = {"ToImage", "ToDtype", "ToTensor", "ConvertImageDtype", "ToPureTensor"}
 
@@ -189,7 +201,10 @@ def _value(tensor: torch.Tensor | None) -> float:
 
 
 def _calibration(state: dict[str, torch.Tensor], post: Any) -> Calibration | None:
-    """anomalib's post-processor statistics as patchline's calibration; None when it was never validated."""
+    """anomalib's post-processor statistics as patchline's calibration; None when there is nothing to import."""
+    if post is False:
+        log.warning("the anomalib model has no post-processor: run `patchline calibrate` on the artifact")
+        return None
     image, pixel = _value(state.get(POST + "_image_threshold")), _value(state.get(POST + "_pixel_threshold"))
     low, high = _value(state.get(POST + "image_min")), _value(state.get(POST + "image_max"))
     if field(post, "enable_threshold_matching", True):  # anomalib uses one threshold for both when the other is unset
@@ -200,13 +215,19 @@ def _calibration(state: dict[str, torch.Tensor], post: Any) -> Calibration | Non
     method = "anomalib F1-adaptive threshold (imported)"
     if math.isnan(image):  # anomalib's own fallback when only min and max are known
         image, method = (low + high) / 2, "anomalib min-max midpoint (imported; no threshold in the model)"
-    sensitivity = float(field(post, "image_sensitivity", 0.5))
+    sensitivity = field(post, "image_sensitivity", 0.5)
+    # Outside (0, 1] the clipped normalised score never exceeds 1 − sensitivity, or always does.
+    if isinstance(sensitivity, bool) or not isinstance(sensitivity, (int, float)) or not 0 < sensitivity <= 1:
+        raise AnomalibImportError(f"post-processor image_sensitivity {sensitivity!r}: patchline reproduces anomalib's "
+                                  "labels for a number in (0, 1]")
+    sensitivity = float(sensitivity)
+    # anomalib labels NG above normalised 1 − sensitivity; patchline above the raw threshold (normalised 0.5).
+    verdict_threshold = image + (0.5 - sensitivity) * (high - low)
     if sensitivity != 0.5:
-        # anomalib labels NG above normalised 1 − sensitivity; patchline at the raw threshold (normalised 0.5).
-        equivalent = image + (0.5 - sensitivity) * (high - low)
-        log.warning("anomalib image_sensitivity %.3g: its verdict threshold is raw %.6g; set that to match", sensitivity, equivalent)
+        log.warning("anomalib image_sensitivity %.3g: threshold %.6g becomes %.6g, where anomalib's label turns NG; "
+                    "normalised scores are anomalib's shifted by %.3g", sensitivity, image, verdict_threshold, sensitivity - 0.5)
     return Calibration(
-        image_threshold=image,
+        image_threshold=verdict_threshold,
         pixel_threshold=None if math.isnan(pixel) else pixel,
         score_min=low,
         score_max=high,
@@ -214,18 +235,25 @@ def _calibration(state: dict[str, torch.Tensor], post: Any) -> Calibration | Non
         details={
             "source": "anomalib post_processor",
             **{key: value for key in ("pixel_min", "pixel_max") if not math.isnan(value := _value(state.get(POST + key)))},
+            "anomalib_image_threshold": image,
             "image_sensitivity": sensitivity,
         },
     )
 
 
-def _transforms(transform: Any) -> list[Inert]:
-    """A torchvision transform (or Compose of them) as a flat list."""
-    if not isinstance(transform, Inert):
+def _steps(transform: Any) -> list[tuple[str, str, Any]]:
+    """A torchvision transform (or Compose of them), pickled or as anomalib's plain-data spec, as a flat
+    list of (class name, class path, fields) in the order they run."""
+    if isinstance(transform, dict) and set(transform) == {"class_path", "init_args"}:
+        path, fields = str(transform["class_path"]), transform["init_args"]
+    elif isinstance(transform, Inert):
+        path, fields = transform.path, transform
+    else:
         raise AnomalibImportError(f"pre-processor transform {transform!r} is not a torchvision transform")
-    if type(transform).__name__ == "Compose":
-        return [step for inner in field(transform, "transforms") or [] for step in _transforms(inner)]
-    return [transform]
+    kind = path.rsplit(".", 1)[-1]
+    if kind == "Compose":
+        return [step for inner in field(fields, "transforms") or [] for step in _steps(inner)]
+    return [(kind, path, fields)]
 
 
 def _pair(size: Any, what: str) -> tuple[int, int]:
@@ -236,16 +264,31 @@ def _pair(size: Any, what: str) -> tuple[int, int]:
 
 
 def _preprocess(pre_processor: Any) -> dict[str, Any]:
-    """anomalib's pre-processor as PreprocessInfo fields; ``True`` (or absent) means Patchcore's default."""
-    if pre_processor is None or pre_processor is True:
-        return dict(image_size=DEFAULT_RESIZE, resize="antialias", mean=IMAGENET_MEAN, std=IMAGENET_STD, center_crop=DEFAULT_CROP)
-    if pre_processor is False:
+    """anomalib's pre-processor (a pickled PreProcessor, or 2.7's ``{"transform": spec}``) as PreprocessInfo fields."""
+    if pre_processor is False or pre_processor is None:
         raise AnomalibImportError("the model has no pre-processor: anomalib fed it raw images of unknown size")
+    if pre_processor is True:
+        raise AnomalibImportError(
+            "the checkpoint does not record its pre-processing (hyper_parameters pre_processor=True, from an "
+            "anomalib 2.x release before 2.7): that default differs between releases (with or without a centre "
+            "crop). Import the model saved with engine.export(model, ExportType.TORCH) instead: it carries its transform"
+        )
     transform = field(pre_processor, "transform") or field(field(pre_processor, "_modules"), "transform")
+    if transform is None:
+        raise AnomalibImportError(
+            "the pre-processor's transform is not recorded (none was set, or anomalib could not serialise it into "
+            "the checkpoint): patchline needs the Resize and Normalize the model was fitted with"
+        )
     fields: dict[str, Any] = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), center_crop=None)
-    for step in _transforms(transform):
-        kind = type(step).__name__
+    seen: set[str] = set()
+    for kind, path, step in _steps(transform):
+        kind = "CenterCrop" if kind in CROPS else kind
+        if kind in seen and kind not in CONVERSIONS:
+            raise AnomalibImportError(f"pre-processing has more than one {kind}: patchline applies one of each")
+        seen.add(kind)
         if kind == "Resize":
+            if "CenterCrop" in seen:
+                raise AnomalibImportError("pre-processing crops before it resizes: patchline resizes, then crops")
             mode = field(step, "interpolation")
             mode = mode if isinstance(mode, str) else (field(mode, "_args") or ("?",))[0]
             if str(mode).lower() not in ("bilinear", "interpolationmode.bilinear"):
@@ -258,7 +301,7 @@ def _preprocess(pre_processor: Any) -> dict[str, Any]:
         elif kind == "Normalize":
             fields.update(mean=tuple(float(v) for v in field(step, "mean")), std=tuple(float(v) for v in field(step, "std")))
         elif kind not in CONVERSIONS:
-            raise AnomalibImportError(f"pre-processing step {step.path} has no patchline equivalent")
+            raise AnomalibImportError(f"pre-processing step {path} has no patchline equivalent")
     if "image_size" not in fields:
         raise AnomalibImportError("the pre-processor does not resize: patchline needs a fixed input size")
     return fields
@@ -273,8 +316,12 @@ def read_anomalib(path: str | Path) -> AnomalibPatchcore:
         hparams = top.get("hyper_parameters") or {}
         backbone, layers = field(hparams, "backbone"), field(hparams, "layers")
         num_neighbors, ratio = field(hparams, "num_neighbors", 9), field(hparams, "coreset_sampling_ratio", 0.1)
-        # Absent means Patchcore's defaults, as anomalib builds them.
-        pre, post = field(hparams, "pre_processor", True), field(hparams, "post_processor", True)
+        enabled = top.get(ENABLED) or {}
+        # anomalib 2.7 stores the processors' configuration; earlier 2.x pickled them into the hyper-parameters.
+        pre, post = (
+            (top[key] if key in top else field(hparams, name, True)) if enabled.get(name, True) else False
+            for name, key in (("pre_processor", PRE_CONFIG), ("post_processor", POST_CONFIG))
+        )
     elif isinstance(top, dict) and isinstance(top.get("model"), Inert):
         lightning = top["model"]
         state = _flatten(lightning)
@@ -283,7 +330,7 @@ def read_anomalib(path: str | Path) -> AnomalibPatchcore:
         backbone, layers, num_neighbors = field(core, "backbone"), field(core, "layers"), field(core, "num_neighbors", 9)
         ratio = field(lightning, "coreset_sampling_ratio", 0.1)
         # An exported model carries its processors as submodules; a missing pre-processor was disabled.
-        pre, post = modules.get("pre_processor") or False, modules.get("post_processor")
+        pre, post = modules.get("pre_processor") or False, modules.get("post_processor") or False
     else:
         raise AnomalibImportError(f"{path}: neither a Lightning checkpoint nor an anomalib torch export")
     if not isinstance(backbone, str) or not layers:
@@ -294,6 +341,10 @@ def read_anomalib(path: str | Path) -> AnomalibPatchcore:
     unknown = [layer for layer in layers if layer not in network]
     if unknown:
         raise AnomalibImportError(f"{path}: timm's {backbone} has no features_only layer(s) {unknown}")
+    try:
+        preprocess, calibration = _preprocess(pre), _calibration(state, post)
+    except AnomalibImportError as exc:
+        raise AnomalibImportError(f"{path}: {exc}") from None
     return AnomalibPatchcore(
         backbone=backbone,
         layers=sorted(layers, key=network.index),
@@ -301,8 +352,8 @@ def read_anomalib(path: str | Path) -> AnomalibPatchcore:
         coreset_ratio=float(ratio),
         backbone_state={k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)},
         memory_bank=state[BANK_KEY].float().numpy(),
-        preprocess=_preprocess(pre),
-        calibration=_calibration(state, post),
+        preprocess=preprocess,
+        calibration=calibration,
     )
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import torch
 
+from patchline.runtime.engine import import_onnxruntime
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "embedding"
 
@@ -39,7 +41,7 @@ def export_onnx(module: torch.nn.Module, image_size: tuple[int, int], path: Path
 
 def verify_onnx(module: torch.nn.Module, path: Path, image_size: tuple[int, int], tolerance: float, seed: int = 0) -> float:
     """Max |onnx − torch| over a random batch of two; raises when above ``tolerance`` × max|torch|."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     batch = np.random.default_rng(seed).standard_normal((2, 3, *image_size), dtype=np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

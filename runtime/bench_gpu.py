@@ -14,6 +14,7 @@ reason and the rest still runs. Results are written as JSON (default under bench
 
 from __future__ import annotations
 
+import importlib
 import logging
 import platform
 import time
@@ -88,14 +89,15 @@ def gemm_rate(n: int, m: int, d: int, precision: str, repeats: int) -> dict[str,
     return _rate(_summary(times), 2.0 * n * m * d)
 
 
-def kernel_vs_gemm(bank: np.ndarray, query_counts: list[int], device: object, repeats: int) -> dict[str, object]:
+def kernel_vs_gemm(bank: np.ndarray, query_counts: list[int], device: object, repeats: int,
+                   cache_dir: str | None = None) -> dict[str, object]:
     from patchline.runtime.gpu_distance import GpuNearest
 
     rng = np.random.default_rng(1)
     m, d = bank.shape
     out: dict[str, object] = {"bank_rows": m, "dims": d}
     for precision in ("fp32", "fp16"):
-        nearest = GpuNearest(bank, precision, device)
+        nearest = GpuNearest(bank, precision, device, cache_dir)
         for n in query_counts:
             x = rng.standard_normal((n, d), dtype=np.float32)
             entry: dict[str, object] = {
@@ -107,6 +109,7 @@ def kernel_vs_gemm(bank: np.ndarray, query_counts: list[int], device: object, re
             if "tflops" in gemm:
                 entry["kernel_over_gemm"] = round(entry["kernel_device"]["tflops"] / gemm["tflops"], 3)
             out[f"{precision}_queries_{n}"] = entry
+        nearest.close()
     return out
 
 
@@ -123,19 +126,28 @@ def end_to_end(artifact: Artifact, engine: str, distance: str, batch: int, repea
         for stage, ms in inspector.inspect(image).timings_ms.items():
             stages.setdefault(stage, []).append(ms)
     batched = _summary(wall_times(lambda: inspector.inspect_batch([image] * batch), repeats))
+    inspector.close()
     return {
         "frame_batch_1": {stage: _summary(ms) for stage, ms in stages.items()},
         f"batch_{batch}": {**batched, "images_per_s": round(batch / (batched["median_ms"] * 1e-3), 1)},
     }
 
 
-def _versions() -> dict[str, str]:
+# Where each library keeps its version string: pycuda has no __version__.
+VERSION_ATTRIBUTES = {"tensorrt": "__version__", "pycuda": "VERSION_TEXT", "onnxruntime": "__version__",
+                      "cupy": "__version__"}
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries the GPU path uses; never raises (no GPU is needed to read them)."""
     versions = {"python": platform.python_version(), "numpy": np.__version__}
-    for module in ("tensorrt", "pycuda", "onnxruntime", "cupy"):
+    for name, attribute in VERSION_ATTRIBUTES.items():
         try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
-            versions[module] = "not installed"
+            module = importlib.import_module(name)
+        except ImportError as exc:  # also a TensorRT whose libnvinfer is missing
+            versions[name] = f"not importable ({exc})"
+            continue
+        versions[name] = str(getattr(module, attribute, f"unknown (no {name}.{attribute})"))
     return versions
 
 
@@ -152,7 +164,7 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
     input_shape = (3, *manifest.preprocess.input_size)
     results: dict[str, object] = {
         "device": device.describe(),
-        "versions": _versions(),
+        "versions": library_versions(),
         "model": {"model_id": manifest.model_id, "input": list(input_shape), "patches_per_image": patches,
                   "bank": list(artifact.bank.shape), "tensorrt_precision": settings.precision},
         "repeats": repeats,
@@ -162,7 +174,9 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
         from patchline.runtime.tensorrt_engine import TensorRtEngine
 
         engine = TensorRtEngine(artifact, tensorrt=settings)
-        return {"engine_file": engine.engine_file.name, **engine_latency(engine, input_shape, [1, batch], repeats)}
+        measured = {"engine_file": engine.engine_file.name, **engine_latency(engine, input_shape, [1, batch], repeats)}
+        engine.close()
+        return measured
 
     def onnxruntime_cuda() -> dict[str, object]:
         from patchline.runtime.engine import OnnxRuntimeEngine
@@ -172,11 +186,12 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
 
     _part(results, "engine_tensorrt", tensorrt_engine)
     _part(results, "engine_onnxruntime_cuda", onnxruntime_cuda)
-    _part(results, "distance_kernel", lambda: kernel_vs_gemm(artifact.bank, [patches, patches * batch], device, repeats))
+    _part(results, "distance_kernel", lambda: kernel_vs_gemm(artifact.bank, [patches, patches * batch], device, repeats,
+                                                             settings.cache_dir))
     if bank_rows:
         big_bank = np.random.default_rng(3).standard_normal((bank_rows, artifact.bank.shape[1]), dtype=np.float32)
         _part(results, f"distance_kernel_bank_{bank_rows}",
-              lambda: kernel_vs_gemm(big_bank, [patches, patches * batch], device, repeats))
+              lambda: kernel_vs_gemm(big_bank, [patches, patches * batch], device, repeats, settings.cache_dir))
     _part(results, "end_to_end_tensorrt", lambda: end_to_end(artifact, "tensorrt", "cuda", batch, repeats,
                                                              tensorrt=settings))
     _part(results, "end_to_end_onnxruntime_cuda", lambda: end_to_end(artifact, "onnxruntime", "cuda", batch, repeats,

@@ -1,7 +1,7 @@
 """The ``patchline`` command: one entry point, a subcommand per job.
 
 Build-time subcommands (export, eval, sample-data) import torch/scikit-learn lazily so
-the edge install (``pip install patchline``) can still run ``score`` and ``run``.
+the edge install (``pip install 'patchline[cpu]'``) can still run ``score`` and ``run``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 from patchline.runtime.artifact import PRECISIONS, ArtifactError
-from patchline.runtime.config import ConfigError, TensorRtConfig
+from patchline.runtime.config import ConfigError, RunConfig, TensorRtConfig, load_any_config
 from patchline.runtime.cuda_device import GpuUnavailable
+from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
+from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
 from patchline.runtime.inspector import DISTANCES
 from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images, list_images
 
@@ -49,6 +51,28 @@ def cmd_export(args: argparse.Namespace) -> None:
     }))
 
 
+# Options of score, eval and engine that a run config also sets, with their defaults otherwise.
+SCORE_OPTIONS = {"artifact": None, "engine": "onnxruntime", "device": "auto", "distance": "cpu", "threads": None,
+                 "precision": "fp32"}
+ENGINE_OPTIONS = {"artifact": None, "device": "cuda"}
+
+
+def _settings(args: argparse.Namespace, options: dict[str, object]) -> tuple[TensorRtConfig, RunConfig | None]:
+    """--config's tensorrt section with --set applied, and the run config when --config is one.
+
+    A run config (`patchline run`'s, e.g. /etc/patchline/<camera>.yaml) also gives ``options`` their values
+    where the command line does not, and puts engines in the service's cache: the engine is the camera's."""
+    config = load_any_config(args.config, args.set)
+    run = config if isinstance(config, RunConfig) else None
+    for name, default in options.items():
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(run, name) if run else default)
+    if args.artifact is None:
+        raise SystemExit(f"patchline {args.command}: give --artifact, or a run config as --config")
+    args.artifact = Path(args.artifact)
+    return config.tensorrt, run
+
+
 def _prepare_engine(artifact_dir: Path, settings: TensorRtConfig, device: str) -> dict[str, object]:
     """Build (or check) the TensorRT engine for an artifact on this machine's GPU."""
     from patchline.runtime.artifact import load_artifact
@@ -63,9 +87,10 @@ def _prepare_engine(artifact_dir: Path, settings: TensorRtConfig, device: str) -
 
 
 def cmd_engine(args: argparse.Namespace) -> None:
-    from patchline.runtime.config import load_config
-
-    settings = load_config(args.config, args.set).tensorrt
+    settings, run = _settings(args, ENGINE_OPTIONS)
+    if run is not None and run.engine != "tensorrt":
+        raise ConfigError(f"{args.config}: camera {run.camera} runs engine {run.engine!r}, which loads no engine of "
+                          "`patchline engine`; set `engine: tensorrt` in it to run one")
     if args.check:
         settings = settings.model_copy(update={"build": False})
     if args.calibrate:
@@ -88,6 +113,16 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
     print(f"results written to {path}", file=sys.stderr)
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> None:
+    from patchline.runtime.gpu_check import run_check, summary
+
+    report, path = run_check(args.artifact, args.images, args.out, args.repeats, args.max_images)
+    print(summary(report))
+    print(f"report written to {path}", file=sys.stderr)
+    if not report["passed"]:
+        sys.exit(1)
+
+
 def _expand(paths: list[Path]) -> list[tuple[Path, Path]]:
     """(image, its path relative to the argument it came from): names outputs uniquely below a folder."""
     found = []
@@ -105,17 +140,23 @@ def cmd_score(args: argparse.Namespace) -> None:
     from patchline.runtime.inspector import Inspector
     from patchline.runtime.overlay import heatmap_overlay, write_rgb
 
+    settings, _ = _settings(args, SCORE_OPTIONS)
     inspector = Inspector(args.artifact, engine=args.engine, distance=args.distance, device=args.device,
-                          threads=args.threads, precision=args.precision)
+                          threads=args.threads, precision=args.precision, tensorrt=settings)
     inspector.warm_up()
     failures = 0
     images = _expand(args.images)
-    for (path, relative), (_, rgb) in zip(images, iter_images(path for path, _ in images)):
+    for (path, relative), (_, rgb) in zip(images, iter_images((path for path, _ in images), args.max_pixels)):
         if isinstance(rgb, ImageError):
             failures += 1
             print(json.dumps({"path": str(path), "error": rgb.reason}), flush=True)
             continue
-        result = inspector.inspect(rgb)
+        try:
+            result = inspector.inspect(rgb)
+        except NonFiniteError as exc:  # fail closed, but score the other images
+            failures += 1
+            print(json.dumps({"path": str(path), "error": str(exc)}), flush=True)
+            continue
         line = {
             "path": str(path),
             "score": round(result.score, 6),
@@ -128,6 +169,7 @@ def cmd_score(args: argparse.Namespace) -> None:
             write_rgb(out, heatmap_overlay(rgb, result.anomaly_map))
             line["heatmap"] = str(out)
         print(json.dumps(line), flush=True)
+    inspector.close()
     if failures:
         sys.exit(1)
 
@@ -138,9 +180,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     except ModuleNotFoundError as exc:
         raise _missing_extra(exc, "calibration") from exc
 
+    settings, _ = _settings(args, SCORE_OPTIONS)
     report_dir = args.report or args.artifact.parent / f"{args.artifact.name}-eval"
     report = evaluate_artifact(args.artifact, args.data, report_dir, args.precision, not args.no_int8,
-                               engine=args.engine, distance=args.distance, device=args.device, threads=args.threads)
+                               engine=args.engine, distance=args.distance, device=args.device, threads=args.threads,
+                               tensorrt=settings)
     calibrated = "threshold" in report
     print(f"{'image':<40} {'class':<15} {'score':>9} {'norm':>6} {'verdict':>7} {'ms':>8}")
     for item in report["images"]:
@@ -296,20 +340,23 @@ def cmd_run(args: argparse.Namespace) -> None:
     from patchline.runtime.sources import SourceConfigError
 
     # What is refused here is a configuration problem that a restart cannot fix: EX_CONFIG, no restart loop.
+    # That includes the GPU: no driver or device, TensorRT that cannot start on this driver, the kernel not
+    # compiling, the model not fitting in (device) memory.
     daemon = None
     try:
         daemon = Daemon(load_config(args.config, args.set, model=RunConfig))
         signal.signal(signal.SIGTERM, daemon.request_stop)
         signal.signal(signal.SIGINT, daemon.request_stop)
         daemon.start()
-    except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError) as exc:
+    except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError, GpuUnavailable,
+            MemoryError) as exc:
         if daemon is not None:
             daemon.shutdown()
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", str(exc) or type(exc).__name__)
         sys.exit(EXIT_CONFIG)
     try:
         code = daemon.run()
-    except SourceConfigError as exc:  # e.g. the ROI does not fit the first frame
+    except SourceConfigError as exc:  # e.g. an appsink of the pipeline delivers a pixel format we cannot convert
         log.error("source: %s", exc)
         code = EXIT_CONFIG
     sys.exit(code)
@@ -333,11 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("engine", help="build or check the TensorRT engine for an artifact on this machine's GPU")
-    p.add_argument("--artifact", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=None, help="YAML config whose tensorrt section is used")
+    p.add_argument("--artifact", type=Path, help="artifact folder (default: the run config's)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML config whose tensorrt section is used; a run config (/etc/patchline/<camera>.yaml) "
+                        "builds the engine that camera's service loads, in its cache")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
-    p.add_argument("--device", default="cuda", help="cuda or cuda:N")
+    p.add_argument("--device", help="cuda or cuda:N (default: the run config's, else cuda)")
     p.add_argument("--check", action="store_true", help="only check the cached engine; fail if missing or stale")
     p.add_argument("--calibrate", type=Path, metavar="IMAGES",
                    help="INT8: calibrate from these images, write tensorrt.calibration_cache, build the engine")
@@ -354,23 +403,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the results JSON")
     p.set_defaults(func=cmd_bench_gpu)
 
+    p = sub.add_parser("gpu-check", help="verify the GPU paths on this box against the CPU runtime; one JSON report")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True, help="test images (folder, searched recursively)")
+    p.add_argument("--max-images", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=20, help="repeats of each bench-gpu measurement")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the report and engines")
+    p.set_defaults(func=cmd_gpu_check)
+
     for name, func, help_text in (("score", cmd_score, "score images with an artifact (JSON line per image)"),
                                   ("eval", cmd_eval, "score an MVTec-layout test set and report AUROC")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--artifact", type=Path, required=True)
-        p.add_argument("--device", choices=ORT_DEVICES, default="auto",
-                       help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider)")
-        p.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
-                       help="tensorrt: the cached TensorRT engine, built on first use (needs the 'gpu' extra)")
-        p.add_argument("--distance", choices=DISTANCES, default="cpu",
-                       help="where patches meet the memory bank: numpy, or the CUDA kernel")
-        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="run the fp32 model or its INT8 quantisation (patchline quantize)")
+        # Defaults are applied by _settings: a run config as --config fills what is not given here.
+        p.add_argument("--config", type=Path, default=None,
+                       help="YAML config whose tensorrt section is used; a run config (/etc/patchline/<camera>.yaml) "
+                            "also sets the options below that are not given, as that camera runs")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
+        p.add_argument("--artifact", type=Path, help="artifact folder (default: the run config's)")
+        p.add_argument("--device", choices=ORT_DEVICES,
+                       help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider); default auto")
+        p.add_argument("--engine", choices=["onnxruntime", "tensorrt"],
+                       help="tensorrt: the cached TensorRT engine, built on first use (a gpu extra); default onnxruntime")
+        p.add_argument("--distance", choices=DISTANCES,
+                       help="where patches meet the memory bank: numpy, or the CUDA kernel; default cpu")
+        p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+        p.add_argument("--precision", choices=PRECISIONS,
+                       help="run the fp32 model (default) or its INT8 quantisation (patchline quantize)")
         p.set_defaults(func=func)
         if name == "score":
             p.add_argument("images", type=Path, nargs="+", help="image files or folders")
             p.add_argument("--heatmap-dir", type=Path, help="write a heatmap overlay PNG per image here")
+            p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                           help="refuse (as an error line) images whose header declares more pixels than this "
+                                f"(default {DEFAULT_MAX_PIXELS})")
         else:
             p.add_argument("--data", type=Path, required=True, help="MVTec-AD category folder")
             p.add_argument("--report", type=Path, default=None,

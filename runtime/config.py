@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -143,7 +145,7 @@ class TensorRtConfig(Section):
     precision: Literal["fp16", "fp32", "int8"] = "fp16"
     batch_profile: tuple[int, int, int] = (1, 1, 8)  # min, opt, max batch the engine accepts
     workspace_mb: int = Field(1024, ge=16)
-    cache_dir: str | None = None  # default: systemd's CacheDirectory, else ~/.cache/patchline
+    cache_dir: str | None = None  # default: systemd's CacheDirectory, else ~/.cache/patchline (run configs: below)
     build: bool = True  # build a missing or stale engine; false: refuse to start instead
     timing_cache: bool = True  # keep TensorRT's kernel timings next to the engines: rebuilds are faster
     calibration_cache: str | None = None  # INT8 only: the calibration cache from patchline.calibration
@@ -187,21 +189,49 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
+# Paths in a config file that are read relative to the file's folder, not the working directory (which is /
+# for a systemd service). Values given with --set stay relative to the working directory of the shell.
+FILE_RELATIVE_PATHS = (("tensorrt", "calibration_cache"), ("tensorrt", "cache_dir"))
+
+
+def _relative_to_file(data: dict[str, Any], folder: Path) -> None:
+    for section, key in FILE_RELATIVE_PATHS:
+        values = data.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+            values[key] = str(folder / values[key])
+
+
+def _read_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    _relative_to_file(data, Path(path).resolve().parent)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), model: type[Config] = Config) -> Config:
     """Read a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
-    source = str(path) if path else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read config: {exc.strerror}") from exc
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    return _validate(str(path) if path else "<defaults>", _read_yaml(path), overrides, model)
+
+
+def load_any_config(path: str | Path | None, overrides: list[str] = ()) -> Config | RunConfig:
+    """An export config, or a run config (``patchline run``'s, told apart by its ``camera``): both have a
+    ``tensorrt`` section, so `patchline engine`, `score` and `eval` build and use the engine a camera uses."""
+    data = _read_yaml(path)
+    model = RunConfig if "camera" in data else Config
+    return _validate(str(path) if path else "<defaults>", data, overrides, model)
+
+
+def _validate(source: str, data: dict[str, Any], overrides: list[str], model: type[Config]) -> Config:
     for assignment in overrides:
         apply_override(data, assignment)
     try:
@@ -246,6 +276,9 @@ class RoiConfig(Section):
 
 class SourceSection(Section):
     roi: RoiConfig | None = None
+    # Larger frames are counted corrupt and skipped; folder and GStreamer sources read the size from an image's
+    # header and refuse it before decoding (a small file may declare gigapixels).
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     # First frame after (re)opening; industrial cameras can take 40 s to start streaming. None: wait forever.
     start_timeout_s: float | None = Field(40.0, gt=0)
     # No frame for this long once frames flowed → a stall: counted, the source is reopened. None: never.
@@ -311,18 +344,48 @@ class EvidenceConfig(Section):
     enabled: bool = True
     dir: str | None = None  # default: <state_dir>/evidence
     quota_mb: float = Field(500.0, gt=0)
+    # Evidence never takes the disk below this much free space (older evidence is deleted first, else none is
+    # written): the seq counter, the MQTT spool and the system share it.
+    min_free_mb: float = Field(100.0, ge=0)
     format: Literal["png", "jpg"] = "png"  # of the frame; png keeps the exact pixels for retraining
 
 
 class TriggerConfig(Section):
-    # A trigger with no frame captured at or after it within this time is answered on the error topic.
+    # A trigger not inspected within this time is answered on the error topic: no_frame when no frame was
+    # captured at or after it, model_busy when its frame was but the model was busy with earlier triggers.
     timeout_s: float = Field(5.0, gt=0)
     max_pending: int = Field(32, ge=1)
 
 
+def systemd_directory(variable: str) -> str | None:
+    """The first directory systemd passes in ``variable`` (StateDirectory= sets $STATE_DIRECTORY, CacheDirectory=
+    $CACHE_DIRECTORY; colon-separated when the unit names several), or None outside such a unit."""
+    value = os.environ.get(variable)
+    return value.split(":")[0] if value else None
+
+
 def _state_directory() -> str:
-    # systemd's StateDirectory= sets STATE_DIRECTORY (colon-separated when it names several).
-    return os.environ.get("STATE_DIRECTORY", "/var/lib/patchline").split(":")[0]
+    return systemd_directory("STATE_DIRECTORY") or "/var/lib/patchline"
+
+
+# The unit's CacheDirectory=patchline: one cache for all cameras of the box, so that N cameras starting together
+# build each engine once (the engine cache's lock), and `patchline engine --config` fills it from a shell.
+SERVICE_CACHE_DIR = "/var/cache/patchline"
+
+
+def service_cache_directory() -> str:
+    return systemd_directory("CACHE_DIRECTORY") or SERVICE_CACHE_DIR
+
+
+class RunTensorRtConfig(TensorRtConfig):
+    """A run config's ``tensorrt`` section: its engines live in the service's cache wherever the config is read."""
+
+    cache_dir: str | None = Field(None, validate_default=True)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _service_cache(cls, value: str | None) -> str:
+        return value or service_cache_directory()
 
 
 class RunConfig(Section):
@@ -343,5 +406,6 @@ class RunConfig(Section):
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     evidence: EvidenceConfig = EvidenceConfig()
-    tensorrt: TensorRtConfig = TensorRtConfig()  # engine: tensorrt (build, cache); see `patchline engine`
+    # engine: tensorrt (build, cache); `patchline engine --config` this file builds the engine the service loads
+    tensorrt: RunTensorRtConfig = Field(default_factory=RunTensorRtConfig)
     state_dir: str = Field(default_factory=_state_directory)  # seq counter, MQTT spool, evidence

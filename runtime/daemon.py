@@ -9,7 +9,12 @@ never hold up a frame.
 
 Modes: ``continuous`` inspects the newest frame whenever the model is free (older frames
 are dropped by the source and counted); ``trigger`` inspects, per PLC trigger, the first
-frame captured at or after the trigger arrived.
+frame captured at or after the trigger arrived (runtime/triggers.py keeps it while the model
+is busy).
+
+Nothing the disk does stops the loop: a verdict whose seq cannot be recorded is not published
+(SeqCounter), the spool falls back to memory, evidence is skipped and the verdict says why;
+each failed write is counted and logged (runtime/disk_writes.py).
 """
 
 from __future__ import annotations
@@ -17,18 +22,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import ConfigError, RunConfig
 from patchline.runtime.decision import decide
-from patchline.runtime.evidence import EvidenceStore
-from patchline.runtime.inspector import Inspector
+from patchline.runtime.disk_writes import DiskWrites
+from patchline.runtime.distance import NonFiniteError
+from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InOrder
+from patchline.runtime.gpu_preflight import preflight
+from patchline.runtime.inspector import Inspection, Inspector
 from patchline.runtime.metrics import Metrics, MetricsServer
 from patchline.runtime.mqtt import MqttSink, Trigger
 from patchline.runtime.sources import EndOfStream, Frame, open_source
 from patchline.runtime.systemd import Notifier
+from patchline.runtime.triggers import TriggeredFrames
 from patchline.runtime.verdict import SeqCounter, make_verdict
 
 log = logging.getLogger("patchline.daemon")
@@ -45,6 +53,7 @@ class Daemon:
 
     def __init__(self, config: RunConfig, notifier: Notifier | None = None) -> None:
         self.config = config
+        preflight(config)  # a GPU this process cannot open: the node and the fix, not CUDA's "no device"
         self.artifact = load_artifact(config.artifact)
         self.calibration = self.artifact.manifest.calibration
         if self.calibration is None and config.threshold is None:
@@ -52,25 +61,27 @@ class Daemon:
                               "threshold; run `patchline calibrate` on it or set `threshold:` in the config")
         roi = config.source.roi
         self.roi_offset = (roi.x, roi.y) if roi else (0, 0)
-        self.source = open_source(config.source)
+        state = Path(config.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskWrites()
+        self.source = open_source(config.source, memory=state / f"{config.camera}.inspected", disk=self.disk)
         self.notifier = notifier or Notifier()
         with self.notifier.extending_start("loading the engine (a first TensorRT build takes minutes)"):
             self.inspector = Inspector(self.artifact, engine=config.engine, distance=config.distance,
                                        precision=config.precision, device=config.device, threads=config.threads,
                                        tensorrt=config.tensorrt)
-        state = Path(config.state_dir)
-        state.mkdir(parents=True, exist_ok=True)
         self.seq = SeqCounter(state / f"{config.camera}.seq")
-        self.sink = MqttSink(config.mqtt, config.camera, state, on_trigger=self._on_trigger)
+        self.sink = MqttSink(config.mqtt, config.camera, state, on_trigger=self._on_trigger, disk=self.disk)
+        self.publisher = InOrder(self.sink.publish_verdict)
         evidence = config.evidence
-        self.evidence = (EvidenceStore(evidence.dir or state / "evidence", evidence.quota_mb, evidence.format)
-                         if evidence.enabled else None)
-        self.metrics = Metrics(config.camera, self.source, self.sink, self.evidence)
+        self.evidence = (EvidenceStore(evidence.dir or state / "evidence", evidence.quota_mb, evidence.format,
+                                       evidence.min_free_mb, self.disk) if evidence.enabled else None)
+        self.metrics = Metrics(config.camera, self.source, self.sink, self.evidence, self.disk)
+        self.frames = (TriggeredFrames(self.source, config.trigger.timeout_s, config.trigger.max_pending)
+                       if config.mode == "trigger" else None)
         self.stop_requested = threading.Event()
         self.server: MetricsServer | None = None
-        self._triggers: deque[tuple[Trigger, float]] = deque()  # with time.monotonic() at arrival
-        self._trigger_lock = threading.Lock()
-        self._stopping = False  # under _trigger_lock: triggers from now on are answered `stopping` at once
+        self._last: tuple[Frame, Inspection] | None = None  # triggers answered by one frame share its inspection
         self._last_status = -float("inf")
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -100,48 +111,53 @@ class Daemon:
             self.shutdown()
 
     def _loop(self) -> int:
+        if self.frames is not None:
+            self.frames.start()
         ready = False
         while not self.stop_requested.is_set():
             if self.sink.fatal_error:
                 log.error("MQTT: %s; exiting", self.sink.fatal_error)
                 return EXIT_CONFIG
             try:
-                frame = self.source.read(READ_TIMEOUT_S)
+                if self.frames is None:
+                    frame = self.source.read(READ_TIMEOUT_S)
+                    waiting = None
+                else:
+                    waiting, given_up = self.frames.take(READ_TIMEOUT_S)
+                    for late, reason, detail in given_up:
+                        self._trigger_error(late.trigger, reason, detail)
             except EndOfStream:
                 log.info("source ended; stopping")
                 return EXIT_OK
             self._heartbeat()
-            if self.config.mode == "trigger":
-                self._expire_triggers()
-            if frame is None:
-                continue
-            if not ready:
+            if not ready and self.source.counters.frames:
                 ready = True
                 self.notifier.ready(self.status())
-                log.info("ready: first frame %dx%d", frame.image.shape[1], frame.image.shape[0])
-            if self.config.mode == "continuous":
+                log.info("ready: frames flowing")
+            if waiting is not None:
+                self.process(waiting.frame, waiting.trigger, waiting.arrived)
+            elif self.frames is None and frame is not None:
                 self.process(frame)
-            elif (trigger := self._trigger_for(frame)) is not None:
-                self.process(frame, *trigger)
         log.info("stop requested")
         return EXIT_OK
 
     def shutdown(self) -> None:
         """Answer waiting triggers, write queued evidence, flush verdicts, publish ``stopped``."""
         self.notifier.stopping("stopping: flushing verdicts")
+        for waiting in self.frames.stop() if self.frames is not None else []:
+            self._trigger_error(waiting.trigger, "stopping", "the daemon is stopping; trigger not inspected")
         self.source.close()
-        with self._trigger_lock:
-            self._stopping = True
-            pending, self._triggers = list(self._triggers), deque()
-        for trigger, _ in pending:
-            self._trigger_error(trigger, "stopping", "the daemon is stopping; trigger not inspected")
+        self.inspector.close()  # GPU memory is freed here, in its context, not left to the interpreter's exit
         if self.evidence is not None:
             self.evidence.close()
+        self.publisher.release(NOT_WRITTEN)  # verdicts whose evidence the writer did not get to
         self.sink.stop(FLUSH_TIMEOUT_S)
+        self.seq.close()
         c, counts = self.source.counters, self.metrics.verdicts
-        log.info("ran %.0f s: %d frames, %d OK + %d NG verdicts, %d skipped, %d lost, %d corrupt, %d stalls, "
-                 "%d source reconnects, %d MQTT reconnects, %d verdicts dropped", time.monotonic() - self.metrics.started,
-                 c.frames, counts["OK"], counts["NG"], c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
+        log.info("ran %.0f s: %d frames, %d OK + %d NG verdicts, %d without a verdict (errors), %d skipped, %d lost, "
+                 "%d corrupt, %d stalls, %d source reconnects, %d MQTT reconnects, %d verdicts dropped",
+                 time.monotonic() - self.metrics.started, c.frames, counts["OK"], counts["NG"],
+                 sum(self.metrics.inspection_errors.values()), c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
                  self.sink.reconnects, self.sink.dropped)
         if self.server is not None:
             self.server.close()
@@ -155,64 +171,72 @@ class Daemon:
 
     # -- one frame -------------------------------------------------------------------------------
 
-    def process(self, frame: Frame, trigger: Trigger | None = None, trigger_at: float | None = None) -> dict:
-        """Inspect one frame, publish its verdict and return it."""
+    def process(self, frame: Frame, trigger: Trigger | None = None, trigger_at: float | None = None) -> dict | None:
+        """Inspect one frame and publish its verdict (an NG one once its evidence is settled); the verdict, or
+        None when the frame gets none: NaN/inf in the model's output (published on the error topic and counted
+        instead), or a seq that could not be recorded (nothing is published, rather than risk a repeated seq)."""
         started = time.monotonic()
-        inspection = self.inspector.inspect(frame.image)
-        decision = decide(inspection.score, self.calibration, self.config.threshold)
-        seq = self.seq.next()
-        evidence = None
-        if decision.verdict == "NG" and self.evidence is not None:
-            evidence = self.evidence.submit(seq, frame.captured, frame.image, inspection.anomaly_map)
+        try:
+            inspection = self._inspect(frame)
+            decision = decide(inspection.score, self.calibration, self.config.threshold)
+        except NonFiniteError as exc:
+            log.warning("frame %d: %s", frame.index, exc)
+            self.metrics.inspection_error("non_finite_score")
+            self.sink.publish_error({"error": "non_finite_score", "detail": str(exc),
+                                     "part_id": trigger.part_id if trigger else None}, trigger)
+            return None
+        try:
+            seq = self.seq.next()
+        except OSError as exc:
+            self.disk.failed("seq_counter", self.seq.path, exc, "verdict not published (a number that was not "
+                             "recorded could come again after a restart)")
+            if trigger is not None:
+                self._trigger_error(trigger, "not_published", f"the sequence counter {self.seq.path} cannot be "
+                                    f"written ({exc.strerror or exc}); verdict withheld rather than risk a repeated seq")
+            return None
+        self.disk.succeeded("seq_counter")
         done = time.monotonic()
         latency = {**inspection.timings_ms, "wait": (started - frame.monotonic) * 1000.0}
         if trigger_at is not None:
             latency["trigger_to_verdict"] = (done - trigger_at) * 1000.0
         x, y = inspection.location
+        ng = decision.verdict == "NG"
         verdict = make_verdict(
             camera=self.config.camera, seq=seq, timestamp=frame.captured, frame_age_s=done - frame.monotonic,
             decision=decision, location=(x + self.roi_offset[0], y + self.roi_offset[1]), latency_ms=latency,
             model_id=self.artifact.manifest.model_id, artifact_checksum=self.inspector.checksum,
-            part_id=trigger.part_id if trigger else None, evidence=evidence,
+            part_id=trigger.part_id if trigger else None,
+            evidence_error=DISABLED if ng and self.evidence is None else None,
         )
-        self.sink.publish_verdict(verdict, trigger)
+        if ng and self.evidence is not None:
+            self.evidence.submit(seq, frame.captured, frame.image, inspection.anomaly_map,
+                                 self.publisher.hold(verdict, trigger))
+        else:
+            self.publisher.publish(verdict, trigger)
         self.metrics.inspected(inspection.timings_ms["total"] / 1000.0, decision.verdict)
-        log.debug("seq %d %s score %.4f frame %d", seq, decision.verdict, decision.score, frame.index)
+        log.debug("seq %d %s score %.4f frame %d %s", seq, decision.verdict, decision.score, frame.index, frame.origin)
         return verdict
+
+    def _inspect(self, frame: Frame) -> Inspection:
+        """The frame's inspection; triggers answered by the same frame (a burst) share one."""
+        if self._last is not None and self._last[0] is frame:
+            return self._last[1]
+        inspection = self.inspector.inspect(frame.image)
+        self._last = frame, inspection
+        return inspection
 
     # -- triggers --------------------------------------------------------------------------------
 
     def _on_trigger(self, trigger: Trigger) -> None:
         # paho's network thread: note the arrival on the monotonic clock the frames use, and return.
         arrived = time.monotonic()
-        refused = None
-        with self._trigger_lock:
-            if self._stopping:
-                refused = "stopping", "the daemon is stopping; trigger not inspected"
-            elif self.config.mode != "trigger":
-                refused = ("not_in_trigger_mode", f"the daemon runs in {self.config.mode} mode and inspects "
-                           "without triggers; set `mode: trigger` in the run config to inspect per trigger")
-            elif len(self._triggers) >= self.config.trigger.max_pending:
-                refused = "too_many_triggers", f"{self.config.trigger.max_pending} triggers already waiting for a frame"
-            else:
-                self._triggers.append((trigger, arrived))
+        if self.frames is None:
+            refused = ("not_in_trigger_mode", f"the daemon runs in {self.config.mode} mode and inspects without "
+                       "triggers; set `mode: trigger` in the run config to inspect per trigger")
+        else:
+            refused = self.frames.add(trigger, arrived)
         if refused is not None:
             self._trigger_error(trigger, *refused)
-
-    def _trigger_for(self, frame: Frame) -> tuple[Trigger, float] | None:
-        with self._trigger_lock:
-            if self._triggers and frame.monotonic >= self._triggers[0][1]:
-                return self._triggers.popleft()
-        return None
-
-    def _expire_triggers(self) -> None:
-        limit = self.config.trigger.timeout_s
-        expired = []
-        with self._trigger_lock:
-            while self._triggers and time.monotonic() - self._triggers[0][1] > limit:
-                expired.append(self._triggers.popleft()[0])
-        for trigger in expired:
-            self._trigger_error(trigger, "no_frame", f"no frame captured within {limit:g} s after the trigger")
 
     def _trigger_error(self, trigger: Trigger, reason: str, detail: str) -> None:
         log.warning("trigger %r not answered: %s", trigger.part_id, detail)

@@ -8,10 +8,13 @@ threshold in use, so that normalised > 0.5 always means NG.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+
+from patchline.runtime.distance import NonFiniteError
 
 
 class Calibration(BaseModel):
@@ -55,7 +58,11 @@ def normalise(score: float, calibration: Calibration, threshold: float | None = 
 
 
 def decide(score: float, calibration: Calibration | None, threshold: float | None = None) -> Decision:
-    """NG when the raw score exceeds the threshold: the calibrated one unless ``threshold`` overrides it."""
+    """NG when the raw score exceeds the threshold: the calibrated one unless ``threshold`` overrides it.
+
+    A NaN score is never NG by the rule (NaN > t is false): it raises NonFiniteError instead of passing as OK."""
+    if not math.isfinite(score):
+        raise NonFiniteError(f"score {score} is not a finite number: no verdict")
     if calibration is None and threshold is None:
         raise ValueError("no threshold: calibrate the artifact (patchline calibrate) or set one in the config")
     limit = threshold if threshold is not None else calibration.image_threshold

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -34,6 +33,7 @@ import yaml
 
 from patchline.runtime.artifact import read_manifest
 from patchline.runtime.preprocess import list_images, read_image
+from patchline.runtime.verdict import epoch_seconds
 
 CAMERA = "demo-cam"
 FPS = 4
@@ -122,10 +122,10 @@ def print_verdicts(received: list[tuple[str, bytes]], parts: list[str]) -> int:
     print(f"\n{len(verdicts)} verdict(s) received on patchline/{CAMERA}/verdict:")
     print(f"{'seq':>4} {'part in view':<14} {'verdict':<7} {'score':>8} {'threshold':>9} {'frame age ms':>12} "
           f"{'inference ms':>12}  evidence")
-    start = datetime.fromisoformat(verdicts[0]["timestamp"]).timestamp() if verdicts else 0.0
+    start = epoch_seconds(verdicts[0]["timestamp"]) if verdicts else 0.0
     for v in verdicts:
         # The first frame read is the video's first: capture times count from it.
-        position = datetime.fromisoformat(v["timestamp"]).timestamp() - start
+        position = epoch_seconds(v["timestamp"]) - start
         part = parts[min(len(parts) - 1, int(position / SECONDS_PER_PART))]
         print(f"{v['seq']:>4} {part:<14} {v['verdict']:<7} {v['score']:8.4f} {v['threshold']:9.4f} "
               f"{v['frame_age_ms']:12.0f} {v['latency_ms']['total']:12.0f}  {v['evidence'] or ''}")

@@ -44,6 +44,11 @@ UNIT_ROUNDOFF = 2.0**-24  # float32
 T = TypeVar("T")
 
 
+class NonFiniteError(ValueError):
+    """NaN or infinity where a score is made (embeddings, distances, the score itself): no verdict can be
+    given for that image, and none must be guessed."""
+
+
 def available_cores() -> int:
     """The cores this process may run on: its CPU affinity (taskset, a systemd CPUAffinity or cpuset), not
     the machine's count, so a service confined to some cores does not start a thread per core of the box."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, distribution
+from types import ModuleType
 from typing import Protocol
 
 import numpy as np
@@ -55,6 +57,46 @@ register("tensorrt")(TensorRtEngine)
 
 
 ORT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+# ONNX Runtime's builds on PyPI (and NVIDIA's for Jetson): each installs the same `onnxruntime` module.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                     "onnxruntime-qnn", "onnxruntime-training")
+INSTALL_ONE_ORT = ("pip install 'patchline[cpu]', or on an NVIDIA GPU box 'patchline[gpu-cu12]' (driver >= 525) or "
+                   "'patchline[gpu-cu13]' (driver >= 580); on a Jetson, NVIDIA's onnxruntime-gpu wheel for JetPack")
+
+
+class InstallError(ValueError):
+    """A package the runtime needs is missing, or installed twice over; the message says how to fix it."""
+
+
+def installed_distributions(names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` that are installed in this Python environment."""
+    found = []
+    for name in names:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def import_onnxruntime() -> ModuleType:
+    """The ``onnxruntime`` module, refused with the fix when no ONNX Runtime or more than one is installed.
+
+    Two ONNX Runtime distributions overwrite each other's files, so which one runs, and whether it still
+    has its CUDA provider, depends on the order they were installed in.
+    """
+    installed = installed_distributions(ORT_DISTRIBUTIONS)
+    if len(installed) > 1:
+        raise InstallError(f"{' and '.join(installed)} are installed together and overwrite each other's `onnxruntime` "
+                           f"module; keep exactly one: pip uninstall -y {' '.join(installed)}, then {INSTALL_ONE_ORT}")
+    try:
+        import onnxruntime
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxruntime":
+            raise
+        raise InstallError(f"no ONNX Runtime is installed: {INSTALL_ONE_ORT}") from None
+    return onnxruntime
 
 
 def onnxruntime_providers(
@@ -117,8 +159,7 @@ class OnnxRuntimeEngine:
         graph_optimization: str = "all",
         tensorrt: TensorRtConfig | None = None,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         providers = onnxruntime_providers(device, ort.get_available_providers(), artifact, tensorrt)
         options = ort.SessionOptions()
         if graph_optimization not in GRAPH_OPTIMIZATION:

@@ -1,7 +1,8 @@
 """Where TensorRT engines live on the box, and whether a cached one fits this box and model.
 
-An engine runs only with the TensorRT version and GPU architecture that built it, and is
-built for one ONNX file, precision and batch profile. Each engine file is named by that key
+An engine runs only with the TensorRT version and GPU that built it (TensorRT picks its kernels by
+timing them on that GPU model, not just its architecture), and is built for one ONNX file, precision
+and batch profile. Each engine file is named by that key
 and has a JSON sidecar recording the key and the engine's sha256. An engine whose sidecar is
 missing, names another key, or whose bytes changed is never used: it is rebuilt, or refused
 with the reason when building is disabled. Plain Python; TensorRT itself is in trt_build.py.
@@ -14,12 +15,17 @@ import hashlib
 import json
 import logging
 import os
+import pwd
+import re
+import shlex
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from patchline.runtime.artifact import now_iso, sha256_file
+from patchline.runtime.config import TensorRtConfig, systemd_directory
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +37,19 @@ _LABELS = {
     "batch_profile": "batch profile (min, opt, max)",
     "tensorrt": "TensorRT",
     "compute_capability": "GPU compute capability",
+    "gpu": "GPU model",
     "calibration_sha256": "INT8 calibration cache",
 }
 
 
 class EngineError(ValueError):
     """An engine that cannot be built or used; the message names the file and the reason."""
+
+
+def gpu_tag(compute_capability: str, gpu: str) -> str:
+    """``sm87-orin``, ``sm90-h200``: the GPU in file names (two models of one architecture must not share)."""
+    model = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-").removeprefix("nvidia-")
+    return f"sm{compute_capability.replace('.', '')}-{model or 'gpu'}"
 
 
 @dataclass(frozen=True)
@@ -46,13 +59,14 @@ class EngineKey:
     batch_profile: tuple[int, int, int]
     tensorrt: str
     compute_capability: str
+    gpu: str  # the device's name, e.g. "Orin" or "NVIDIA H200"
     calibration_sha256: str | None = None
 
     @property
     def file_name(self) -> str:
         low, opt, high = self.batch_profile
         parts = [self.onnx_sha256[:16], self.precision, f"b{low}-{opt}-{high}",
-                 "sm" + self.compute_capability.replace(".", ""), "trt" + self.tensorrt]
+                 gpu_tag(self.compute_capability, self.gpu), "trt" + self.tensorrt]
         if self.calibration_sha256:
             parts.append("cal" + self.calibration_sha256[:12])
         return "_".join(parts) + ".engine"
@@ -75,11 +89,13 @@ class EngineKey:
 
 
 def cache_directory(configured: str | Path | None = None) -> Path:
-    """``configured``, else systemd's CacheDirectory, else ``$XDG_CACHE_HOME/patchline`` (``~/.cache``); created."""
+    """``configured``, else systemd's CacheDirectory, else ``$XDG_CACHE_HOME/patchline`` (``~/.cache``); created.
+
+    A run config always configures it (config.RunTensorRtConfig: the service's cache)."""
     if configured:
         path = Path(configured)
-    elif os.environ.get(CACHE_ENV):
-        path = Path(os.environ[CACHE_ENV].split(":")[0])
+    elif systemd_directory(CACHE_ENV):
+        path = Path(systemd_directory(CACHE_ENV))
     else:
         path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchline"
     try:
@@ -89,6 +105,34 @@ def cache_directory(configured: str | Path | None = None) -> Path:
     if not os.access(path, os.W_OK):
         raise EngineError(f"{path}: engine cache directory is not writable by this user")
     return path
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a name (containers): sudo takes "#UID"
+        return f"#{uid}"
+
+
+def build_command(artifact_dir: Path, device: str, settings: TensorRtConfig, cache_dir: Path) -> str:
+    """The `patchline engine` command that builds the engine ``settings`` ask for into ``cache_dir``.
+
+    It runs as the cache's owner (the service's user for the service's cache), so that the service can
+    replace the files later; from the service itself, a person runs it from a shell."""
+    executable = Path(sys.executable).with_name("patchline")  # the console script of this environment
+    words = [str(executable) if executable.is_file() else "patchline", "engine",
+             "--artifact", str(artifact_dir.resolve()), "--device", device]
+    sets = {"cache_dir": cache_dir.resolve(), "precision": settings.precision,
+            "batch_profile": "[{},{},{}]".format(*settings.batch_profile), "workspace_mb": settings.workspace_mb,
+            "calibration_cache": settings.calibration_cache}
+    for name, value in sets.items():
+        if value is not None:
+            words += ["--set", f"tensorrt.{name}={value}"]
+    owner = _user_name(cache_dir.stat().st_uid)
+    as_service = "INVOCATION_ID" in os.environ  # systemd sets it for every unit it starts
+    if as_service or owner != _user_name(os.geteuid()):
+        words = ["sudo", "-u", owner, *words]
+    return shlex.join(words)
 
 
 def sidecar(engine: Path) -> Path:
@@ -161,12 +205,15 @@ def _exclusive(lock: Path) -> Iterator[None]:
 
 
 def ensure_engine(
-    cache_dir: Path, key: EngineKey, build: bool, make_plan: Callable[[], tuple[bytes, dict[str, object]]]
+    cache_dir: Path, key: EngineKey, build: bool, make_plan: Callable[[], tuple[bytes, dict[str, object]]],
+    fix_command: str,
 ) -> tuple[Path, bool]:
     """The path of a usable engine for ``key`` and whether it was built now.
 
     ``make_plan`` returns the serialised engine and facts to record with it; it is called only
-    when no usable engine is cached and ``build`` is true, otherwise the problem is raised.
+    when no usable engine is cached and ``build`` is true, otherwise the problem is raised, with
+    ``fix_command`` (:func:`build_command`): what builds the engine without building on the line.
+    Processes that need the same engine at once build it once: the others wait on its lock file.
     """
     path = cache_dir / key.file_name
     if engine_problem(path, key) is None:
@@ -177,7 +224,7 @@ def ensure_engine(
             return path, False
         if not build:
             raise EngineError(f"{path}: cannot use a cached TensorRT engine: {problem}; building is disabled "
-                              "(tensorrt.build: false), so build it on this box with `patchline engine --artifact DIR`")
+                              f"(tensorrt.build: false), so build it on this box with: {fix_command}")
         log.info("building TensorRT engine %s: %s", path.name, problem)
         plan, info = make_plan()
         write_engine(path, key, plan, info)

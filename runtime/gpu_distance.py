@@ -20,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from patchline.runtime.distance import NonFiniteError
+
 KERNEL_FILE = Path(__file__).parent / "kernels" / "euclidean_topk.cu"
 # Past 16 the per-thread lists no longer fit in registers (ptxas spills them; tests/test_gpu_kernel.py).
 MAX_K = 16
 PRECISIONS = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+FP16_MAX = float(np.finfo(np.float16).max)
 _SUFFIX = {"fp32": "f32", "fp16": "f16"}
 
 
@@ -62,11 +65,23 @@ class QueryPlan:
 
     launches: tuple[Launch, ...]
     buffers: dict[str, tuple[tuple[int, ...], np.dtype]]
+    upload: str  # the buffer the host fills with the queries as they are: float32, (n, dim)
 
 
 def padded_dim(dim: int, precision: str) -> int:
     # half2 loads need every row to start on a 4-byte boundary: an odd FP16 row gets a zero column.
     return dim + dim % 2 if precision == "fp16" else dim
+
+
+def check_range(rows: np.ndarray, precision: str, what: str) -> None:
+    """Refuse rows the precision cannot hold: cast to FP16, a value beyond ±65504 (or NaN) becomes a
+    non-finite half, and no distance to it means anything. Raises NonFiniteError naming ``what``."""
+    if precision != "fp16" or rows.size == 0:
+        return
+    peak = float(np.abs(rows).max())
+    if not peak <= FP16_MAX:  # also NaN
+        raise NonFiniteError(f"{what}: largest magnitude {peak:.6g} is beyond FP16's range (±{FP16_MAX:.0f}), so the "
+                             "FP16 distance kernel cannot take it; use distance cuda (FP32)")
 
 
 def prepare_rows(rows: np.ndarray, precision: str) -> np.ndarray:
@@ -83,35 +98,39 @@ def bank_norm_launch(m: int, dim: int, precision: str) -> Launch:
 
 
 def plan_queries(n: int, m: int, dim: int, k: int, precision: str, sm_count: int) -> QueryPlan:
-    """Launches for ``n`` queries against an ``m``-row bank (``dim`` = padded dims).
+    """Launches for ``n`` queries of ``dim`` dims against an ``m``-row bank.
 
     The bank is split into slices so that even one frame's queries fill about four blocks
     per multiprocessor; every slice gets at least one tile.
     """
     g = geometry()
-    tile, suffix = g["TILE"], _SUFFIX[precision]
+    tile, suffix, padded = g["TILE"], _SUFFIX[precision], padded_dim(dim, precision)
     tiles, query_blocks = math.ceil(m / tile), math.ceil(n / tile)
     wanted = max(1, math.ceil(4 * sm_count / query_blocks))
     per_slice = math.ceil(tiles / min(wanted, tiles))
     slices = math.ceil(tiles / per_slice)
     lists = slices * g["LANES"]
+    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
+    # FP32 queries are searched as uploaded; FP16 ones are rounded on the GPU first (kernel to_half).
+    convert = (Launch("to_half", (n, 1), g["NORM_THREADS"], ("x_in", dim, padded, "x")),) if precision == "fp16" else ()
     launches = (
-        Launch(f"sq_norms_{suffix}", (n, 1), g["NORM_THREADS"], ("x", dim, "x_sq")),
+        *convert,
+        Launch(f"sq_norms_{suffix}", (n, 1), g["NORM_THREADS"], ("x", padded, "x_sq")),
         Launch(f"euclidean_topk_{suffix}", (query_blocks, slices), g["THREADS"],
-               ("x", "x_sq", "bank", "bank_sq", n, m, dim, per_slice, "part_d", "part_i")),
-        Launch("merge_topk", (math.ceil(n / g["MERGE_THREADS"]), 1), g["MERGE_THREADS"],
+               ("x", "x_sq", "bank", "bank_sq", n, m, padded, per_slice, "part_d", "part_i")),
+        Launch("merge_topk", (math.ceil(n / g["MERGE_ROWS"]), 1), g["MERGE_THREADS"],
                ("part_d", "part_i", n, lists, "out_d", "out_i")),
     )
-    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
     buffers = {
-        "x": ((n, dim), PRECISIONS[precision]),
+        **({"x_in": ((n, dim), f32)} if convert else {}),
+        "x": ((n, padded), PRECISIONS[precision]),
         "x_sq": ((n,), f32),
         "part_d": ((lists * k, n), f32),
         "part_i": ((lists * k, n), i32),
         "out_d": ((n, k), f32),
         "out_i": ((n, k), i32),
     }
-    return QueryPlan(launches, buffers)
+    return QueryPlan(launches, buffers, "x_in" if convert else "x")
 
 
 def check_query(x: np.ndarray, bank_shape: tuple[int, int], k: int) -> None:
@@ -136,6 +155,7 @@ class GpuNearest:
         self.device = device if isinstance(device, CudaDevice) else CudaDevice(device or "cuda")
         import pycuda.driver as cuda  # importable now that CudaDevice found the driver
 
+        check_range(bank, precision, "the memory bank")
         self.precision = precision
         self.shape = bank.shape
         self.dim = padded_dim(bank.shape[1], precision)
@@ -205,12 +225,11 @@ class GpuNearest:
         import pycuda.driver as cuda
 
         check_query(x, self.shape, k)
-        plan = plan_queries(x.shape[0], self.shape[0], self.dim, k, self.precision, self.device.sm_count)
+        plan = plan_queries(x.shape[0], self.shape[0], self.shape[1], k, self.precision, self.device.sm_count)
         buffers = {name: self._buffer(name, *spec) for name, spec in plan.buffers.items()}
-        staged = self._pinned("x", *plan.buffers["x"])
-        staged[:, : x.shape[1]] = x
-        staged[:, x.shape[1]:] = 0
-        cuda.memcpy_htod_async(buffers["x"], staged, self.stream)
+        staged = self._pinned(plan.upload, *plan.buffers[plan.upload])
+        staged[:] = x
+        cuda.memcpy_htod_async(buffers[plan.upload], staged, self.stream)
         return plan, buffers
 
     def nearest(self, x: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -228,6 +247,20 @@ class GpuNearest:
             cuda.memcpy_dtoh_async(out_i, buffers["out_i"], self.stream)
             self.stream.synchronize()
         return out_d.copy(), out_i.astype(np.int64)
+
+    def close(self) -> None:
+        """Free the bank, the buffers, the stream and the compiled modules now, in this device's context.
+
+        pycuda frees an object when its last reference goes, and only if its context can be made current
+        there: at exit or on another thread it cannot, and the memory leaks (with a warning). Not usable after."""
+        if self.stream is None:
+            return
+        with self.device.active():
+            for allocation in [self._bank, self._bank_sq, *(held for held, _ in self._device_buffers.values())]:
+                allocation.free()
+            # The last references to pinned buffers, stream and modules go here, so they are freed in the context.
+            self._device_buffers, self._host_buffers, self._functions, self._modules = {}, {}, {}, {}
+            self._bank = self._bank_sq = self.stream = None
 
     def time_kernels(self, x: np.ndarray, k: int, repeats: int) -> list[float]:
         """Device time in ms of the query launches alone (queries uploaded once), for the benchmark."""

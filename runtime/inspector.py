@@ -11,6 +11,8 @@ import numpy as np
 from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.bank_index import index_for_this_machine
 from patchline.runtime.config import TensorRtConfig
+from patchline.runtime.cuda_device import CudaDevice
+from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.engine import accepted_options, create_engine
 from patchline.runtime.score import MemoryBank, anomaly_map, image_score
 
@@ -26,6 +28,14 @@ class Inspection:
 
 
 DISTANCES = ("cpu", "cuda", "cuda-fp16")
+
+
+def require_finite(values: np.ndarray, what: str) -> None:
+    """Fail closed: NaN or infinity in any image's ``values`` (first axis: the image) raises NonFiniteError."""
+    finite = np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1)
+    if not finite.all():
+        images = ", ".join(map(str, np.flatnonzero(~finite)))
+        raise NonFiniteError(f"{what} of image {images} of the batch hold NaN or infinity: no score, no verdict")
 
 
 class Inspector:
@@ -83,8 +93,18 @@ class Inspector:
         if distance != "cpu":
             from patchline.runtime.gpu_distance import GpuNearest
 
-            self.gpu_bank = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32")
+            # The kernel runs on the TensorRT engine's GPU (ONNX Runtime's CUDA provider uses GPU 0, the default)
+            # and keeps its compiled modules in the configured engine cache.
+            gpu = getattr(self.engine, "device", None)
+            self.gpu_bank = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32",
+                                       gpu if isinstance(gpu, CudaDevice) else None, tensorrt and tensorrt.cache_dir)
         self.num_neighbors = manifest.num_neighbors
+
+    def close(self) -> None:
+        """Free the GPU memory of the engine and the distance kernel now, in their context (see CudaDevice)."""
+        for part in (self.engine, self.gpu_bank):
+            if hasattr(part, "close"):
+                part.close()
 
     def warm_up(self) -> None:
         height, width = self.preprocess.image_size
@@ -102,10 +122,13 @@ class Inspector:
         t1 = clock()
         embeddings = self.engine(batch)
         t2 = clock()
+        # An FP16 engine that overflows gives inf/NaN; the distance kernel would make 0 of NaN (a perfect match).
+        require_finite(embeddings, f"the {self.engine.name} engine's patch embeddings")
         count, h, w, dim = embeddings.shape
         patches = embeddings.reshape(count, h * w, dim)
         dist, idx = (self.gpu_bank or self.bank).nearest(patches.reshape(count * h * w, dim), 1)
         dist, idx = dist[:, 0].reshape(count, h * w), idx[:, 0].reshape(count, h * w)
+        require_finite(dist, "the patch distances (a square beyond float32's range)")
         t3 = clock()
         crop_top, crop_left, in_h, in_w = self.preprocess.crop_box()
         size_h, size_w = self.preprocess.image_size

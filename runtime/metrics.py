@@ -19,6 +19,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from patchline.runtime.config import ConfigError
+from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.evidence import EvidenceStore
 from patchline.runtime.mqtt import MqttSink
 from patchline.runtime.sources import FrameSource
@@ -53,16 +54,18 @@ class Rate:
 class Metrics:
     """All metrics of one camera's daemon, in a registry of its own."""
 
-    def __init__(self, camera: str, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None) -> None:
+    def __init__(self, camera: str, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None,
+                 disk: DiskWrites) -> None:
         self.camera = camera
         self.started = time.monotonic()
         self.fps = Rate()
         self.verdicts = {"OK": 0, "NG": 0}
         self.trigger_errors: dict[str, int] = {}
+        self.inspection_errors: dict[str, int] = {}
         self.registry = CollectorRegistry()
         self.inference = Histogram("patchline_inference_seconds", "Time to score one frame (preprocess to score)",
                                    ["camera"], buckets=LATENCY_BUCKETS, registry=self.registry).labels(camera)
-        self.registry.register(_Collected(self, source, sink, evidence))
+        self.registry.register(_Collected(self, source, sink, evidence, disk))
 
     def inspected(self, seconds: float, verdict: str) -> None:
         self.fps.tick()
@@ -72,10 +75,14 @@ class Metrics:
     def trigger_error(self, reason: str) -> None:
         self.trigger_errors[reason] = self.trigger_errors.get(reason, 0) + 1
 
+    def inspection_error(self, reason: str) -> None:
+        self.inspection_errors[reason] = self.inspection_errors.get(reason, 0) + 1
+
 
 class _Collected(Collector):
-    def __init__(self, metrics: Metrics, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None) -> None:
-        self.metrics, self.source, self.sink, self.evidence = metrics, source, sink, evidence
+    def __init__(self, metrics: Metrics, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None,
+                 disk: DiskWrites) -> None:
+        self.metrics, self.source, self.sink, self.evidence, self.disk = metrics, source, sink, evidence, disk
 
     def collect(self) -> Iterator[Metric]:
         camera = self.metrics.camera
@@ -85,7 +92,10 @@ class _Collected(Collector):
             "patchline_frames_skipped": ("Frames replaced by a newer one before inspection (newest wins)", c.skipped),
             "patchline_frames_lost": ("Frames missing from the stream: rejected by the decoder or lost in transport",
                                       c.lost),
-            "patchline_frames_corrupt": ("Frames that arrived undecodable and were skipped", c.corrupt),
+            "patchline_frames_corrupt": ("Frames that arrived undecodable (or over max_pixels, or smaller than the "
+                                         "roi) and were skipped", c.corrupt),
+            "patchline_source_unreadable": ("Folder entries skipped because they cannot be stat'ed or opened",
+                                            c.unreadable),
             "patchline_source_stalls": ("Times the source delivered no frame within its timeout", c.stalls),
             "patchline_source_reconnects": ("Times the source was reopened after a failure", c.reconnects),
             "patchline_mqtt_reconnects": ("Successful broker connections after the first", self.sink.reconnects),
@@ -100,16 +110,25 @@ class _Collected(Collector):
             "patchline_verdicts": ("Verdicts published, by result", "result", self.metrics.verdicts),
             "patchline_trigger_errors": ("Triggers answered on the error topic, by reason", "reason",
                                          self.metrics.trigger_errors),
+            "patchline_inspection_errors": ("Frames that got no verdict, reported on the error topic, by reason",
+                                            "reason", self.metrics.inspection_errors),
         }
         if self.evidence is not None:
             store = self.evidence
             by_label["patchline_evidence"] = ("NG evidence folders, by outcome", "outcome",
-                                              {"saved": store.saved, "dropped": store.dropped, "failed": store.failed})
+                                              {"saved": store.saved, "dropped": store.dropped, "failed": store.failed,
+                                               "no_space": store.no_space})
         for name, (text, label, values) in by_label.items():
             family = CounterMetricFamily(name, text, labels=["camera", label])
             for key, value in dict(values).items():
                 family.add_metric([camera, key], value)
             yield family
+        family = CounterMetricFamily("patchline_disk_write_failures", "Writes the disk refused, by what was written "
+                                     "(seq_counter, spool, evidence, inspected_files) and error",
+                                     labels=["camera", "what", "error"])
+        for (what, error), value in self.disk.counts.items():
+            family.add_metric([camera, what, error], value)
+        yield family
         age = self.source.last_frame_age
         gauges = {
             "patchline_fps": ("Frames inspected per second over the last 10 s", self.metrics.fps.per_second()),

@@ -10,8 +10,9 @@ Topics, all under ``<topic_prefix>/<camera>/`` (see ``Topics``):
     available          "online" (every connect) / "stopped" (clean exit) / "offline" (the will), retained, QoS 1
     trigger            subscribed: {"part_id": "..."} or a plain string; MQTT v5 ResponseTopic and
                        CorrelationData are kept, and the verdict answering it is also published to the
-                       ResponseTopic with the CorrelationData
-    error              JSON {"error", "detail", ...} for malformed triggers and ``publish_error``, QoS 1
+                       ResponseTopic with the CorrelationData; a retained trigger (the broker replays it
+                       at every subscription) is answered on ``error`` and never passed on
+    error              JSON {"error", "detail", ...} for malformed and retained triggers and ``publish_error``, QoS 1
 
 Contract for the daemon::
 
@@ -52,6 +53,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from patchline.runtime.config import MqttConfig
+from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.spool import Spool
 from patchline.runtime.verdict import SCHEMA_VERSION, iso_utc
 
@@ -223,8 +225,9 @@ class MqttSink:
     """
 
     def __init__(self, config: MqttConfig, camera: str, state_dir: str | Path,
-                 on_trigger: Callable[[Trigger], None] | None = None) -> None:
+                 on_trigger: Callable[[Trigger], None] | None = None, disk: DiskWrites | None = None) -> None:
         self.config = config
+        self.disk = disk or DiskWrites()  # spool writes the disk refuses: counted, logged
         self.camera = camera
         self.topics = Topics.for_camera(config.topic_prefix, camera)
         self.on_trigger = on_trigger
@@ -244,7 +247,7 @@ class MqttSink:
         self._fatal: str | None = None
         self._failing = False  # a connection attempt failed and was logged; quiet until the next success
         self._counts = {"delivered": 0, "overflow": 0, "expired": 0, "rejected": 0, "corrupt": 0}
-        self._last_drop_log = self._last_spool_log = 0.0
+        self._last_drop_log = 0.0
         self._client: paho.Client | None = None
         self._sender: threading.Thread | None = None
         self._spool: Spool | None = None
@@ -508,11 +511,13 @@ class MqttSink:
     def _spool_put(self, entry: _Entry) -> str:
         """The entry's spool key; "" when the disk refuses it: it is then delivered from memory only."""
         try:
-            return self._spool.put(entry.record())
+            key = self._spool.put(entry.record())
         except OSError as exc:
-            self._spool_problem("cannot spool verdict seq=%s to %s: %s; kept in memory only (lost on restart)",
-                                entry.verdict.get("seq"), self.spool_dir, exc)
+            self.disk.failed("spool", self.spool_dir, exc, f"verdict seq={entry.verdict.get('seq')} kept in memory "
+                             "only (lost on restart)")
             return ""
+        self.disk.succeeded("spool")
+        return key
 
     def _spool_remove(self, entry: _Entry) -> None:
         if not entry.key:
@@ -520,15 +525,7 @@ class MqttSink:
         try:
             self._spool.remove(entry.key)
         except OSError as exc:
-            self._spool_problem("cannot remove %s from the spool %s: %s; it will be sent again after a restart",
-                                entry.key, self.spool_dir, exc)
-
-    def _spool_problem(self, message: str, *args: object) -> None:
-        """Log a spool disk error, at most every DROP_LOG_INTERVAL_S: a full disk fails every verdict."""
-        now = time.monotonic()
-        if now - self._last_spool_log >= DROP_LOG_INTERVAL_S:
-            self._last_spool_log = now
-            log.error("MQTT: " + message, *args)
+            self.disk.failed("spool", self.spool_dir / entry.key, exc, "it will be sent again after a restart")
 
     def _handed(self) -> int:
         """How many verdicts at the front of the queue were handed to paho (they are handed in order)."""
@@ -641,6 +638,9 @@ class MqttSink:
         response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
         answerable = bool(response_topic) and not any(c in response_topic for c in "+#")
+        if message.retain:
+            self._refuse_retained(message, response_topic if answerable else None, correlation)
+            return
         try:
             part_id = parse_trigger(message.payload)
             if response_topic is not None and not answerable:
@@ -655,3 +655,17 @@ class MqttSink:
         log.debug("MQTT: trigger %s", trigger)
         if self.on_trigger is not None:
             self.on_trigger(trigger)
+
+    def _refuse_retained(self, message: paho.MQTTMessage, response_topic: str | None, correlation: bytes | None) -> None:
+        # The broker replays a retained trigger at every subscription, long after the part it named has gone:
+        # inspecting it would judge whatever is in front of the camera now.
+        try:
+            part_id = parse_trigger(message.payload)
+        except ValueError:
+            part_id = None
+        detail = (f"a retained message on {message.topic}, replayed by the broker at every start: not inspected; "
+                  f"publish triggers without the retain flag, and clear it with: mosquitto_pub -r -n -t {message.topic}")
+        log.warning("MQTT: retained trigger %r: %s", part_id, detail)
+        report = self._error_message({"error": "retained_trigger", "detail": detail, "part_id": part_id,
+                                      "topic": message.topic})
+        self._report_error(report, response_topic, correlation)

@@ -19,7 +19,15 @@ def heatmap_overlay(rgb: np.ndarray, amap: np.ndarray, vmax: float | None = None
     return cv2.cvtColor(blended, cv2.COLOR_BGR2RGB)
 
 
+def encode_rgb(rgb: np.ndarray, image_format: str) -> bytes:
+    """The image encoded as ``image_format`` (png, jpg …) in memory."""
+    ok, data = cv2.imencode(f".{image_format}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"OpenCV cannot encode a {rgb.shape} image as {image_format}")
+    return data.tobytes()
+
+
 def write_rgb(path: str | Path, rgb: np.ndarray) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"{path}: could not write image")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_rgb(rgb, path.suffix.lstrip(".")))

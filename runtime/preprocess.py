@@ -14,7 +14,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from patchline.runtime.image_header import DEFAULT_MAX_PIXELS, HeaderError, image_size
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # OpenCV filters on 8-bit pixels, or "antialias": torchvision's Resize(antialias=True) on floats (below).
 RESIZE_METHODS = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "antialias": None}
 
@@ -53,11 +55,12 @@ def evaluation_root(folder: str | Path) -> Path:
     return Path(folder) / "test" if is_mvtec_category(folder) else Path(folder)
 
 
-def iter_images(paths: Iterable[Path]) -> Iterator[tuple[Path, np.ndarray | ImageError]]:
+def iter_images(paths: Iterable[Path], max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> Iterator[tuple[Path, np.ndarray | ImageError]]:
     """(path, RGB uint8) for each readable image, (path, ImageError) for each unusable one: the caller counts them."""
     for path in paths:
         try:
-            yield path, read_image(path)
+            yield path, read_image(path, max_pixels)
         except ImageError as exc:
             yield path, exc
 
@@ -82,25 +85,45 @@ def to_rgb8(image: np.ndarray, source: str | Path = "<frame>") -> np.ndarray:
     raise ImageError(source, f"unsupported image shape {image.shape}")
 
 
-def decode_image(data: bytes, source: str | Path) -> np.ndarray:
-    """Decode an encoded image (PNG, JPEG …) to RGB uint8, or raise ImageError naming ``source`` and the problem."""
+def decode_image(data: bytes, source: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG, GIF, BMP, TIFF, WebP) to RGB uint8, or raise ImageError naming
+    ``source`` and the problem.
+
+    The size its header declares is checked against ``max_pixels`` before decoding, so that a small
+    file claiming gigapixels (a decompression bomb, or a lying header) costs no memory.
+    """
     if not data:
         raise ImageError(source, "empty file")
+    try:
+        kind, width, height = image_size(data)
+    except HeaderError as exc:
+        raise ImageError(source, str(exc)) from None
+    if width * height > max_pixels:
+        raise ImageError(source, f"its {kind} header declares {width}x{height} pixels, more than the limit of "
+                                 f"{max_pixels} (max_pixels)")
     if _truncated_jpeg(data):
         raise ImageError(source, "truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except (cv2.error, MemoryError) as exc:  # OpenCV asserts on headers it refuses; a decoder may run out of memory
+        raise ImageError(source, f"the {kind} decoder refused it: {_first_line(exc)}") from None
     if image is None or image.size == 0:
         raise ImageError(source, "not a decodable image (corrupt or truncated)")
     return to_rgb8(image, source)
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file as RGB uint8, or raise ImageError naming the file and the problem."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(path, f"cannot read: {exc.strerror}") from exc
-    return decode_image(data, path)
+    return decode_image(data, path, max_pixels)
 
 
 @functools.lru_cache(maxsize=32)

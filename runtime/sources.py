@@ -9,6 +9,8 @@ black or repeated one: ``read`` returns None and the daemon inspects nothing.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 from collections import deque
@@ -26,9 +28,13 @@ from patchline.runtime.config import (
     RoiConfig,
     SourceConfig,
 )
-from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, read_image, to_rgb8
+from patchline.runtime.disk_writes import DiskWrites
+from patchline.runtime.image_header import HeaderError, image_size
+from patchline.runtime.inspected_files import InspectedFiles
+from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, decode_image, to_rgb8
 
 log = logging.getLogger("patchline.source")
+HEADER_BYTES = 1 << 18  # of an encoded frame, read for its header: a JPEG's SOF may follow 64 kB of EXIF and ICC
 
 
 class SourceConfigError(ValueError):
@@ -61,7 +67,8 @@ class SourceCounters:
     frames: int = 0  # delivered by read()
     skipped: int = 0  # arrived but replaced by a newer frame before they were read (newest wins)
     lost: int = 0  # gaps in the stream's timestamps: frames the decoder rejected or the network lost
-    corrupt: int = 0  # arrived but undecodable; skipped
+    corrupt: int = 0  # arrived but undecodable (or refused by its header, size or the ROI); skipped
+    unreadable: int = 0  # folder entries that cannot be stat'ed or opened (a symlink loop, no permission); skipped
     stalls: int = 0
     reconnects: int = 0
 
@@ -105,13 +112,13 @@ class Throttled:
 
 
 def crop(image: np.ndarray, roi: RoiConfig | None) -> np.ndarray:
+    """The region of interest; CorruptFrame when the frame does not contain it (one odd file must not stop a line)."""
     if roi is None:
         return image
     height, width = image.shape[:2]
     if roi.x + roi.width > width or roi.y + roi.height > height:
-        raise SourceConfigError(
-            f"roi x={roi.x} y={roi.y} {roi.width}x{roi.height} lies outside the {width}x{height} frame"
-        )
+        raise CorruptFrame(f"roi x={roi.x} y={roi.y} {roi.width}x{roi.height} lies outside the {width}x{height} "
+                           "frame (check source.roi)")
     return image[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width]
 
 
@@ -189,20 +196,21 @@ class FrameSource:
             log.info("source %s: opened", self.description)
         try:
             raw = self.backend.pull(timeout)
+            if raw is None:
+                self._watchdog()
+                return None
+            image = self._usable(raw.image)
         except CorruptFrame as exc:
-            self.counters.corrupt += 1
-            self._corrupt_log.warning(f"source {self.description}: corrupt frame skipped: {exc}")
-            self._watchdog()  # a stream of nothing but garbage is a stall too
-            return None
+            return self._corrupt(str(exc))
         except EndOfStream:
             return self._ended()
         except SourceError as exc:
             self._fail(str(exc))
             return None
-        if raw is None:
-            self._watchdog()
-            return None
-        image = crop(raw.image, self.config.roi)
+        except SourceConfigError:
+            raise
+        except Exception as exc:  # whatever a decoder raises (cv2.error, MemoryError …) costs this frame only
+            return self._corrupt(f"{type(exc).__name__}: {exc}")
         if not self._flowing:
             log.info("source %s: frames flowing (%dx%d)", self.description, raw.image.shape[1], raw.image.shape[0])
         self._flowing, self._failures, self._since = True, 0, time.monotonic()
@@ -210,6 +218,19 @@ class FrameSource:
         self.counters.frames += 1
         captured = time.time() - (time.monotonic() - raw.monotonic)
         return Frame(image, index, captured, raw.monotonic, raw.origin)
+
+    def _usable(self, image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        if height * width > self.config.max_pixels:
+            raise CorruptFrame(f"{width}x{height} frame has more than source.max_pixels ({self.config.max_pixels}) "
+                               "pixels")
+        return crop(image, self.config.roi)
+
+    def _corrupt(self, reason: str) -> None:
+        self.counters.corrupt += 1
+        self._corrupt_log.warning(f"source {self.description}: corrupt frame skipped: {reason}")
+        self._watchdog()  # a stream of nothing but garbage is a stall too
+        return None
 
     def _ended(self) -> None:
         if self.at_end == "stop":
@@ -275,10 +296,13 @@ class GStreamerBackend:
         self.text = gst_pipeline_text(config.pipeline)
         self.description = f"gstreamer '{config.pipeline}'"
         self.counters = counters or SourceCounters()
+        self.max_pixels = config.max_pixels
         self.pipeline = None
         self.sink = None
         self._arrivals: deque[int] = deque(maxlen=256)  # PTS of buffers that reached the appsink, not yet read
         self._last_pts: int | None = None
+        self._refused = 0  # buffers dropped by _check_header since the last one reached the appsink
+        self._header_log = Throttled(log)
         self._lock = threading.Lock()
         self._build().set_state(self.Gst.State.NULL)  # fail at start, not at the first reconnect
         if not (self.sink.get_property("drop") and self.sink.get_property("max-buffers") == 1):
@@ -301,7 +325,12 @@ class GStreamerBackend:
         self.pipeline = self._build()
         self._arrivals.clear()
         self._last_pts = None
+        self._refused = 0
         self.sink.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, self._on_buffer)
+        # Decoders of the pipeline as written, and those decodebin adds once it knows the stream.
+        for element in _iterate(self.pipeline.iterate_recurse()):
+            self._watch_decoder(element)
+        self.pipeline.connect("deep-element-added", lambda _pipeline, _bin, element: self._watch_decoder(element))
         if self.pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
             raise SourceError(self._bus_error() or "pipeline failed to start")
 
@@ -313,9 +342,43 @@ class GStreamerBackend:
             if _valid(pts):
                 self._arrivals.append(pts)
                 if self._last_pts is not None and _valid(duration) and duration > 0 and pts > self._last_pts:
-                    self.counters.lost += max(0, round((pts - self._last_pts) / duration) - 1)
+                    gap = round((pts - self._last_pts) / duration) - 1
+                    self.counters.lost += max(0, gap - self._refused)  # refused ones are counted as corrupt
                 self._last_pts = pts
+            self._refused = 0
         return self.Gst.PadProbeReturn.OK
+
+    def _watch_decoder(self, element) -> None:
+        factory = element.get_factory()
+        pad = element.get_static_pad("sink")
+        if factory is not None and "Decoder" in factory.get_klass() and pad is not None:
+            pad.add_probe(self.Gst.PadProbeType.BUFFER, self._check_header)
+
+    def _check_header(self, pad, info):
+        """Streaming thread, before a decoder: drop an encoded image (JPEG, PNG …) whose header declares more
+        than max_pixels, as the folder source does, instead of letting the decoder allocate for it or fail
+        the pipeline (jpegdec cannot negotiate 50000x50000 and stops the stream)."""
+        caps = pad.get_current_caps()
+        if caps is None or not caps.get_structure(0).get_name().startswith("image/"):
+            return self.Gst.PadProbeReturn.OK
+        buffer = info.get_buffer()
+        ok, mapped = buffer.map(self.Gst.MapFlags.READ)
+        if not ok:
+            return self.Gst.PadProbeReturn.OK
+        try:
+            kind, width, height = image_size(bytes(mapped.data[:HEADER_BYTES]))
+        except HeaderError:
+            return self.Gst.PadProbeReturn.OK  # the decoder decides about what we cannot read
+        finally:
+            buffer.unmap(mapped)
+        if width * height <= self.max_pixels:
+            return self.Gst.PadProbeReturn.OK
+        with self._lock:
+            self.counters.corrupt += 1
+            self._refused += 1
+        self._header_log.warning(f"source {self.description}: corrupt frame skipped: its {kind} header declares "
+                                 f"{width}x{height} pixels, more than source.max_pixels ({self.max_pixels})")
+        return self.Gst.PadProbeReturn.DROP
 
     def _bus_error(self) -> str | None:
         """Drain the bus: warnings are logged, the first error is returned."""
@@ -487,17 +550,17 @@ class OpenCVBackend:
             while not stop.is_set():
                 try:
                     frame = self._grab(capture)
-                except CorruptFrame as exc:
-                    with self._cond:
-                        self.counters.corrupt += not stop.is_set()
-                    log.debug("opencv corrupt frame: %s", exc)
-                    continue
                 except (SourceError, EndOfStream) as exc:
                     with self._cond:
                         if not stop.is_set():
                             self._error = exc
                             self._cond.notify_all()
                     return
+                except Exception as exc:  # CorruptFrame, or whatever the decoder raised: this frame only
+                    with self._cond:
+                        self.counters.corrupt += not stop.is_set()
+                    log.debug("opencv corrupt frame: %s", exc)
+                    continue
                 with self._cond:
                     if stop.is_set():  # closed while this read was in flight: the frame belongs to no one
                         return
@@ -538,16 +601,21 @@ class FolderBackend:
     """New image files in a folder, each once, oldest first.
 
     A file is taken once its size and mtime held still between two polls, so a writer may
-    copy in place; writing to a hidden name (".x.png") and renaming is faster still.
+    copy in place; writing to a hidden name (".x.png") and renaming is faster still. With a
+    ``memory`` file (the daemon's state directory) the names of inspected files outlive a
+    restart (runtime/inspected_files.py). Entries that cannot be stat'ed or read (a symlink
+    loop, no permission, a folder named like an image) are skipped, counted once and named.
     """
 
-    def __init__(self, config: FolderSourceConfig, counters: SourceCounters | None = None) -> None:
+    def __init__(self, config: FolderSourceConfig, counters: SourceCounters | None = None,
+                 memory: Path | None = None, disk: DiskWrites | None = None) -> None:
         self.config = config
         self.root = Path(config.path)
         self.counters = counters or SourceCounters()
         self.description = f"folder {self.root}"
-        self._seen: set[str] = set()
+        self._seen = InspectedFiles(self.root, memory, disk or DiskWrites())
         self._pending: dict[str, tuple[int, float]] = {}  # name → (size, mtime) at the last poll
+        self._unusable: set[str] = set()  # entries skipped (and counted) while they stay as they are
 
     def open(self) -> None:
         if not self.root.is_dir():
@@ -555,19 +623,36 @@ class FolderBackend:
 
     def _ready(self) -> list[tuple[float, str]]:
         present: dict[str, tuple[int, float]] = {}
-        for path in self.root.iterdir():
-            if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            present[path.name] = (stat.st_size, stat.st_mtime)
-        self._seen &= present.keys()
+        unusable: set[str] = set()
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                    continue
+                try:
+                    info = entry.stat()  # follows a symlink
+                except FileNotFoundError:
+                    continue  # gone since it was listed
+                except OSError as exc:
+                    unusable.add(name)
+                    self._skip(name, exc.strerror or str(exc))
+                    continue
+                if not stat.S_ISREG(info.st_mode):
+                    unusable.add(name)
+                    self._skip(name, "not a regular file")
+                    continue
+                present[name] = (info.st_size, info.st_mtime)
+        self._unusable = unusable
+        self._seen.keep_only(present.keys())
         ready = [(mtime, name) for name, (size, mtime) in present.items()
                  if name not in self._seen and self._pending.get(name) == (size, mtime)]
         self._pending = {name: info for name, info in present.items() if name not in self._seen}
         return sorted(ready)
+
+    def _skip(self, name: str, reason: str) -> None:
+        if name not in self._unusable:
+            self.counters.unreadable += 1
+            log.warning("source %s: skipping %s: %s", self.description, self.root / name, reason)
 
     def pull(self, timeout: float) -> RawFrame | None:
         deadline = time.monotonic() + timeout
@@ -576,23 +661,32 @@ class FolderBackend:
                 ready = self._ready()
             except OSError as exc:
                 raise SourceError(f"{self.root}: {exc.strerror}") from None
-            if ready:
-                return self._take(*ready[0])
+            for mtime, name in ready:
+                frame = self._take(mtime, name)
+                if frame is not None:
+                    return frame
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             time.sleep(min(self.config.poll_interval_s, remaining))
 
-    def _take(self, mtime: float, name: str) -> RawFrame:
-        self._seen.add(name)
+    def _take(self, mtime: float, name: str) -> RawFrame | None:
+        """The file's frame; None when it cannot be read (counted, named); CorruptFrame when it cannot be decoded."""
+        self._seen.add(name)  # before reading: a file that brought the daemon down is not read again
         path = self.root / name
         try:
-            image = read_image(path)
-        except ImageError as exc:
-            raise CorruptFrame(str(exc)) from None
+            data = path.read_bytes()
+        except OSError as exc:
+            self.counters.unreadable += 1
+            log.warning("source %s: skipping %s: cannot read: %s", self.description, path, exc.strerror or exc)
+            return None
         finally:
             if self.config.after_read == "delete":
                 path.unlink(missing_ok=True)
+        try:
+            image = decode_image(data, path, self.config.max_pixels)
+        except ImageError as exc:
+            raise CorruptFrame(str(exc)) from None
         age = max(0.0, time.time() - mtime)
         return RawFrame(image, time.monotonic() - age, name)
 
@@ -600,9 +694,17 @@ class FolderBackend:
         pass
 
 
-_BACKENDS = {"gstreamer": GStreamerBackend, "opencv": OpenCVBackend, "folder": FolderBackend}
+_BACKENDS = {"gstreamer": GStreamerBackend, "opencv": OpenCVBackend}
 
 
-def open_source(config: SourceConfig) -> FrameSource:
-    """The configured source, checked (raises SourceConfigError) but not yet opened."""
-    return FrameSource(_BACKENDS[config.kind](config), config)
+def open_source(config: SourceConfig, memory: Path | None = None, disk: DiskWrites | None = None) -> FrameSource:
+    """The configured source, checked (raises SourceConfigError) but not yet opened.
+
+    ``memory``: where a folder source remembers the files it inspected (the daemon's state directory);
+    ``disk`` counts the writes to it that fail.
+    """
+    if config.kind == "folder":
+        backend = FolderBackend(config, memory=memory, disk=disk)
+    else:
+        backend = _BACKENDS[config.kind](config)
+    return FrameSource(backend, config)

@@ -36,8 +36,12 @@ class Spool:
         key = f"{self._next:012d}{SUFFIX}"
         self._next += 1
         tmp = self.folder / f".{key}.tmp"
-        tmp.write_text(json.dumps(record, separators=(",", ":"), allow_nan=False))
-        os.replace(tmp, self.folder / key)
+        try:
+            tmp.write_text(json.dumps(record, separators=(",", ":"), allow_nan=False))
+            os.replace(tmp, self.folder / key)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a partial temp file would hold space that a full disk lacks
+            raise
         return key
 
     def remove(self, key: str) -> None:

@@ -19,10 +19,10 @@ from patchline.runtime.engine_cache import EngineError
 
 def load_engine(path: Path):  # noqa: ANN201 - (trt.ICudaEngine, trt.Runtime)
     """Deserialise an engine file; TensorRT's own refusal (version, device) becomes an EngineError."""
-    from patchline.runtime.trt_build import tensorrt_module
+    from patchline.runtime.trt_build import construct, tensorrt_module
 
     trt = tensorrt_module()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime = construct(trt, trt.Runtime)
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
         raise EngineError(f"{path}: TensorRT {trt.__version__} could not deserialise this engine (its log above "
@@ -79,28 +79,43 @@ class TensorRtEngine:
                 self(np.zeros((batch, *self.input_shape), np.float32))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if batch.ndim != 4 or batch.shape[1:] != self.input_shape or batch.shape[0] < self.min_batch:
-            raise ValueError(f"batch of shape {batch.shape}: this engine takes ({self.min_batch}..{self.max_batch}, "
-                             f"{', '.join(map(str, self.input_shape))}); larger batches are split")
+        if batch.ndim != 4 or batch.shape[1:] != self.input_shape or batch.shape[0] == 0:
+            raise ValueError(f"batch of shape {batch.shape}: this engine takes (1.., "
+                             f"{', '.join(map(str, self.input_shape))}); batches beyond {self.max_batch} are split")
         step = self.max_batch
-        if batch.shape[0] <= step:
-            return self._run(batch)
         return np.concatenate([self._run(batch[i : i + step]) for i in range(0, batch.shape[0], step)])
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import pycuda.driver as cuda
 
         n = batch.shape[0]
-        host_in, host_out = self._host_in[:n], self._host_out[:n]
+        # Fewer frames than the profile's min batch (a small call, or the last piece of a split one) run
+        # as a min batch with zero frames after them; only the frames given are copied back.
+        run = max(n, self.min_batch)
+        host_in = self._host_in[:run]
         with self.device.active():
-            np.copyto(host_in, batch, casting="same_kind")
+            np.copyto(host_in[:n], batch, casting="same_kind")
+            host_in[n:] = 0
             cuda.memcpy_htod_async(self._device_in, host_in, self.stream)
-            self._set_input_shape(batch.shape)
+            self._set_input_shape((run, *self.input_shape))
             if not self.context.execute_async_v3(self.stream.handle):
-                raise EngineError(f"{self.engine_file}: TensorRT failed to run a batch of {n} (its log above says why)")
-            cuda.memcpy_dtoh_async(host_out, self._device_out, self.stream)
+                raise EngineError(f"{self.engine_file}: TensorRT failed to run a batch of {run} (its log above says why)")
+            cuda.memcpy_dtoh_async(self._host_out[:n], self._device_out, self.stream)
             self.stream.synchronize()
-        return host_out.astype(np.float32)  # a copy: the pinned buffer is reused by the next call
+        return self._host_out[:n].astype(np.float32)  # a copy: the pinned buffer is reused by the next call
+
+    def close(self) -> None:
+        """Free the engine, its context, buffers and stream now, in the device's context (see GpuNearest.close)."""
+        if self.stream is None:
+            return
+        with self.device.active():
+            self._device_in.free()
+            self._device_out.free()
+            # TensorRT objects go context first, then engine, then runtime, all with the context current.
+            del self.context
+            del self._engine
+            del self._runtime
+            self._host_in = self._host_out = self._device_in = self._device_out = self.stream = None
 
     def _set_input_shape(self, shape: tuple[int, ...]) -> None:
         # TensorRT answers False, with only a logged error, for a shape outside the profile.

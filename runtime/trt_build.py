@@ -1,19 +1,26 @@
 """Build a TensorRT engine from an artifact's ONNX on the GPU box that will run it.
 
-TensorRT 10 (JetPack 6 on Jetson Orin ships 10.3) takes the precision as builder flags and
-INT8 from a calibrator. TensorRT 11 builds strongly typed networks only: FP16 comes from
-converting the ONNX graph to FP16 first, and INT8 would need Q/DQ nodes in the graph, which
-patchline does not produce, so INT8 is refused there. TensorRT is imported inside functions.
+TensorRT 8.6 (JetPack 6.0) and 10 (JetPack 6.1/6.2 ship 10.3) take the precision as builder
+flags and INT8 from a calibrator; 8.6 also needs explicit batch asked for. TensorRT 11 builds
+strongly typed networks only: FP16 comes from converting the ONNX graph to FP16 first, and INT8
+would need symmetric int8 Q/DQ nodes in the graph, which patchline does not produce (its
+model.int8.onnx has ONNX Runtime's uint8 activations with zero points), so INT8 is refused
+there. TensorRT is imported inside functions.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import time
+from functools import cache
 from pathlib import Path
 
 from patchline.runtime.artifact import Artifact, sha256_file
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.engine_cache import EngineError, EngineKey, cache_directory, ensure_engine, write_atomically
+from patchline.runtime.cuda_device import GpuUnavailable, driver_facts
+from patchline.runtime.engine_cache import (EngineError, EngineKey, build_command, cache_directory, ensure_engine,
+                                            gpu_tag, write_atomically)
 
 
 def tensorrt_module():  # noqa: ANN201 - the tensorrt module
@@ -25,12 +32,65 @@ def tensorrt_module():  # noqa: ANN201 - the tensorrt module
     return tensorrt
 
 
+@cache
+def trt_logger():  # noqa: ANN201 - a trt.Logger
+    """The process's one TensorRT logger: TensorRT keeps the first it is given, for every builder and runtime."""
+    trt = tensorrt_module()
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def tensorrt_cuda_major(trt) -> str | None:  # noqa: ANN001
+    """The CUDA major a pip-installed TensorRT was built for (tensorrt-cu12, tensorrt_cu13_bindings, ...)."""
+    providers = importlib.metadata.packages_distributions()
+    for module in (trt.__name__.partition(".")[0], "tensorrt_bindings", "tensorrt_libs"):
+        for distribution in providers.get(module, []):
+            found = re.search(r"cu(\d+)", distribution)
+            if found:
+                return found.group(1)
+    return None
+
+
+def construct(trt, factory):  # noqa: ANN001, ANN201 - trt.Builder or trt.Runtime
+    """``factory(logger)``; TensorRT failing to start (pybind11's "factory function returned nullptr",
+    typically a TensorRT built for a newer CUDA than the driver supports) becomes GpuUnavailable."""
+    try:
+        made, reason = factory(trt_logger()), "it returned nothing"
+    except TypeError as exc:
+        made, reason = None, str(exc)
+    if made is None:
+        major = tensorrt_cuda_major(trt)
+        built_for = f", built for CUDA {major}," if major else ""
+        raise GpuUnavailable(
+            f"TensorRT {trt.__version__}{built_for} could not create its {factory.__name__} ({reason}); this box has "
+            f"{driver_facts()}. TensorRT's log above says more; a TensorRT built for a newer CUDA than the driver "
+            "supports cannot start: install the TensorRT build for the driver's CUDA major (tensorrt-cu12 or "
+            "tensorrt-cu13) or update the driver")
+    return made
+
+
 def weakly_typed(trt) -> bool:  # noqa: ANN001
-    """TensorRT 10 and older pick precisions from builder flags; 11 removed them."""
+    """TensorRT 10 and older pick precisions from builder flags (and calibrate INT8 implicitly); 11 removed them."""
     return hasattr(trt.BuilderFlag, "FP16")
 
 
-def engine_key(artifact: Artifact, settings: TensorRtConfig, tensorrt_version: str, compute_capability: str) -> EngineKey:
+def require_int8_calibration(trt) -> None:  # noqa: ANN001
+    """Refuse INT8 where TensorRT has no implicit (calibrated) INT8, before any of its INT8 API is touched."""
+    if not weakly_typed(trt):
+        raise EngineError(f"TensorRT {trt.__version__} builds only strongly typed networks: INT8 there needs an ONNX "
+                          "with symmetric int8 Q/DQ nodes, and patchline's model.int8.onnx (uint8 activations with "
+                          "zero points, for ONNX Runtime) is not one; use tensorrt.precision fp16, or TensorRT 8.6 or "
+                          "10 (JetPack 6) for INT8")
+
+
+def network_flags(trt) -> int:  # noqa: ANN001
+    """TensorRT 8.x parses ONNX only into explicit-batch networks; 10 deprecated the flag and 11 removed it."""
+    if int(trt.__version__.split(".")[0]) < 10:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    return 0
+
+
+def engine_key(artifact: Artifact, settings: TensorRtConfig, tensorrt_version: str, device: object) -> EngineKey:
+    """The key of ``artifact``'s engine built with ``settings`` by this TensorRT on ``device`` (a CudaDevice)."""
     calibration = None
     if settings.precision == "int8":
         if not settings.calibration_cache:
@@ -46,7 +106,8 @@ def engine_key(artifact: Artifact, settings: TensorRtConfig, tensorrt_version: s
         precision=settings.precision,
         batch_profile=settings.batch_profile,
         tensorrt=tensorrt_version,
-        compute_capability=compute_capability,
+        compute_capability=device.compute_capability,
+        gpu=device.name,
         calibration_sha256=calibration,
     )
 
@@ -92,10 +153,8 @@ def _set_precision(trt, config, profile, settings: TensorRtConfig, calibrator: o
     elif settings.precision == "fp16":
         if weakly_typed(trt):
             config.set_flag(trt.BuilderFlag.FP16)
-    elif not weakly_typed(trt):
-        raise EngineError(f"TensorRT {trt.__version__} builds only strongly typed networks, so INT8 needs an ONNX "
-                          "with Q/DQ nodes, which patchline does not produce; use fp16, or TensorRT 10 for INT8")
     else:
+        require_int8_calibration(trt)
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)  # layers without an INT8 kernel fall back to FP16, not FP32
         config.int8_calibrator = calibrator or _cache_calibrator(trt, Path(settings.calibration_cache))
@@ -114,10 +173,9 @@ def build_plan(onnx_path: Path, onnx_sha256: str, input_name: str, chw: tuple[in
         source = work_dir / f"{onnx_sha256[:16]}_fp16.onnx"
         if not source.is_file():
             convert_to_fp16(onnx_path, source)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
+    builder = construct(trt, trt.Builder)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, trt_logger())
     if not parser.parse_from_file(str(source)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"{source}: TensorRT's ONNX parser rejected the model: {errors}")
@@ -153,9 +211,11 @@ def prepare_engine(artifact: Artifact, settings: TensorRtConfig, device: object,
     builds now: the calibration cache it writes during the build is part of the engine's key.
     """
     trt = tensorrt_module()
+    if settings.precision == "int8":
+        require_int8_calibration(trt)
     cache_dir = cache_directory(settings.cache_dir)
     manifest = artifact.manifest
-    work_dir = cache_dir / f"sm{device.compute_capability.replace('.', '')}"
+    work_dir = cache_dir / gpu_tag(device.compute_capability, device.name)  # the timing cache is per GPU model
     work_dir.mkdir(exist_ok=True)
 
     def make_plan() -> tuple[bytes, dict[str, object]]:
@@ -165,9 +225,10 @@ def prepare_engine(artifact: Artifact, settings: TensorRtConfig, device: object,
                                     work_dir, calibrator)
         return plan, {**info, "gpu": device.name, "model_id": manifest.model_id}
 
+    fix = build_command(artifact.folder, f"cuda:{device.index}", settings, cache_dir)
     if calibrator is None:
-        key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
-        return ensure_engine(cache_dir, key, settings.build, make_plan)
+        key = engine_key(artifact, settings, trt.__version__, device)
+        return ensure_engine(cache_dir, key, settings.build, make_plan, fix)
     built = make_plan()
-    key = engine_key(artifact, settings, trt.__version__, device.compute_capability)
-    return ensure_engine(cache_dir, key, True, lambda: built)
+    key = engine_key(artifact, settings, trt.__version__, device)
+    return ensure_engine(cache_dir, key, True, lambda: built, fix)

@@ -3,11 +3,12 @@
 Contract (the daemon builds one verdict per inspected frame)::
 
     seq = SeqCounter(state_dir / f"{camera}.seq")
-    verdict = make_verdict(camera=camera, seq=seq.next(), timestamp=capture_wall_time,
-                           frame_age_s=age, decision=decide(...), location=inspection.location,
-                           latency_ms={**inspection.timings_ms, "decode": ...}, model_id=manifest.model_id,
-                           artifact_checksum=inspector.checksum, part_id=trigger.part_id, evidence=path)
-    sink.publish_verdict(verdict, trigger)
+    verdict = make_verdict(camera=camera, seq=seq.next(),  # OSError: not recorded, so publish nothing
+                           timestamp=capture_wall_time, frame_age_s=age, decision=decide(...),
+                           location=inspection.location, latency_ms={**inspection.timings_ms, "decode": ...},
+                           model_id=manifest.model_id, artifact_checksum=inspector.checksum,
+                           part_id=trigger.part_id)
+    sink.publish_verdict(verdict, trigger)   # an NG verdict first waits for its evidence (evidence.InOrder)
 
 The payload's JSON Schema ships next to this module as ``verdict.schema.json`` (``SCHEMA_PATH``);
 ``SCHEMA_VERSION`` changes whenever a field changes meaning or is removed (adding one does not).
@@ -27,28 +28,34 @@ SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("verdict.schema.json")
 
 
-# Numbers reserved durably (fsync) at a time; fsync costs milliseconds on an edge box's disk, the
-# plain write in between tens of microseconds.
+# Numbers reserved durably (fdatasync) at a time; a sync costs milliseconds on an edge box's disk, the
+# plain write in between microseconds.
 RESERVE = 1000
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+BOOT_ID_WIDTH = 36  # a UUID; the record has a fixed width so that it can be rewritten in place
 
 
 def _boot_id() -> str:
     try:
-        return BOOT_ID.read_text().strip()
+        return BOOT_ID.read_text().strip()[:BOOT_ID_WIDTH] or "unknown"
     except OSError:
         return "unknown"
 
 
 class SeqCounter:
-    """A per-camera sequence number that only ever grows, also across restarts and power cuts.
+    """A per-camera sequence number that only ever grows, also across restarts, power cuts and a full disk.
 
-    The file holds ``<last> <reserved> <boot id>``. Every ``next()`` rewrites it atomically (temp file +
-    rename) without fsync; every RESERVE numbers the reservation is raised and fsynced first. A restart
-    of the daemon in the same boot continues right after ``last`` (the page cache survives it), so
-    the PLC sees no gap; after a reboot, when ``last`` may not have reached the disk, it continues
-    after ``reserved``: a gap, never a repeat. A file holding just one integer (an operator's repair)
-    continues after it. Thread-safe; one process per file.
+    The file holds ``<last> <reserved> <boot id>`` as one fixed-width record. Every ``next()`` records
+    its number before returning it, by rewriting that record in place (no fsync): an overwrite of
+    bytes the file already has needs no free space, so a full disk does not stop the numbering. Every
+    RESERVE numbers the reservation is raised and synced first. A restart of the daemon in the same
+    boot continues right after ``last`` (the page cache survives it), so the PLC sees no gap; after a
+    reboot, when ``last`` may not have reached the disk, it continues after ``reserved``: a gap, never
+    a repeat. The record (79 bytes) lies within the file's first sector, which a power cut leaves
+    old or new. When the record cannot be written at all (EIO, a file that cannot be created on a
+    full disk), ``next()`` raises OSError and hands out no number: a verdict is better not published
+    than published under a number that could come again. A file holding just one integer (an
+    operator's repair) continues after it. Thread-safe; one process per file.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -57,6 +64,7 @@ class SeqCounter:
         self._boot = _boot_id()
         last, self._reserved, boot = self._read()
         self._value = last if boot == self._boot else self._reserved
+        self._fd: int | None = None  # the file, once it holds a record of ours
 
     def _read(self) -> tuple[int, int, str]:
         try:
@@ -82,35 +90,70 @@ class SeqCounter:
         return last, reserved, boot
 
     def next(self) -> int:
+        """The next number, recorded first. Raises OSError, handing out nothing, when it cannot be recorded."""
         with self._lock:
             value = self._value + 1
-            durable = value > self._reserved
-            if durable:
-                self._reserved = value + RESERVE - 1
-            self._write(value, durable)
-            self._value = value
+            reserved = self._reserved if value <= self._reserved else value + RESERVE - 1
+            record = f"{value:020d} {reserved:020d} {self._boot:<{BOOT_ID_WIDTH}}\n".encode()
+            if self._fd is None:
+                self._fd = self._create(record)
+            else:
+                os.pwrite(self._fd, record, 0)
+                if reserved != self._reserved:
+                    os.fdatasync(self._fd)
+            self._value, self._reserved = value, reserved
             return value
 
-    def _write(self, value: int, durable: bool) -> None:
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _create(self, record: bytes) -> int:
+        """Open the file for rewriting in place, first writing it whole (durably) when it is missing or
+        not a record of ours (an older layout, an operator's repair)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            fd = None
+        if fd is not None:
+            if os.fstat(fd).st_size == len(record):
+                try:
+                    os.pwrite(fd, record, 0)
+                    os.fdatasync(fd)
+                    return fd
+                except OSError:
+                    os.close(fd)
+                    raise
+            os.close(fd)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as handle:
-            handle.write(f"{value} {self._reserved} {self._boot}\n")
-            if durable:
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(record)
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-        if durable:
-            folder = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a half-written temp file would take space a full disk lacks
+            raise
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+        return os.open(self.path, os.O_RDWR)
 
 
 def iso_utc(timestamp: float) -> str:
     """``2024-05-01T12:00:00.123Z``: ISO-8601, UTC, milliseconds."""
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def epoch_seconds(iso: str) -> float:
+    """The inverse of :func:`iso_utc`. Python 3.10's ``fromisoformat`` does not read the ``Z`` suffix (3.11's does)."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def _finite(name: str, value: float) -> float:
@@ -133,12 +176,14 @@ def make_verdict(
     artifact_checksum: str,
     part_id: str | None = None,
     evidence: str | None = None,
+    evidence_error: str | None = None,
 ) -> dict:
     """The verdict payload (a JSON-ready dict that validates against ``verdict.schema.json``).
 
     ``timestamp`` is the frame's capture time (Unix seconds, wall clock); ``frame_age_s`` how old the
     frame was when it was scored (>= 0, from a monotonic clock); ``location`` the (x, y) of the most
-    anomalous patch in the source image's pixels; ``latency_ms`` named stage times in milliseconds.
+    anomalous patch in the source image's pixels; ``latency_ms`` named stage times in milliseconds;
+    ``evidence`` the saved NG frame's folder, once it exists, else None and ``evidence_error`` says why.
     Raises ValueError on a value that would make an invalid message (NaN score, negative age, ...).
     """
     if seq < 1:
@@ -168,4 +213,5 @@ def make_verdict(
         "model_id": model_id,
         "artifact_checksum": artifact_checksum,
         "evidence": evidence,
+        "evidence_error": evidence_error,
     }

@@ -45,6 +45,7 @@ static Fiber* running;
 static const std::function<void()>* kernel_body;
 
 #define __syncthreads() swapcontext(&running->context, &scheduler)
+using std::isnan;
 using std::min;
 
 #include KERNEL_SOURCE
@@ -88,6 +89,9 @@ static void launch(int grid_x, int grid_y, int threads, const std::function<void
 }
 
 extern "C" {
+void emu_to_half(int gx, int gy, int threads, const void* src, int dim, int padded, void* dst) {
+    launch(gx, gy, threads, [&] { to_half((const float*)src, dim, padded, (__half*)dst); });
+}
 void emu_sq_norms_f32(int gx, int gy, int threads, const void* x, int dim, void* out) {
     launch(gx, gy, threads, [&] { sq_norms_f32((const float*)x, dim, (float*)out); });
 }

@@ -65,9 +65,9 @@ class EmulatedKernels:
         dim_p = padded_dim(dim, precision)
         buffers = {"bank": prepare_rows(bank, precision), "bank_sq": np.zeros(m, np.float32)}
         self.run(bank_norm_launch(m, dim_p, precision), buffers)
-        plan = plan_queries(x.shape[0], m, dim_p, self.k, precision, sm_count)
+        plan = plan_queries(x.shape[0], m, dim, self.k, precision, sm_count)
         buffers.update({name: np.full(shape, -7, dtype) for name, (shape, dtype) in plan.buffers.items()})
-        buffers["x"] = prepare_rows(x, precision)
+        buffers[plan.upload] = np.ascontiguousarray(x, np.float32)
         for launch in plan.launches:
             self.run(launch, buffers)
         return buffers["out_d"], buffers["out_i"].astype(np.int64)

@@ -3,7 +3,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the export extra: not in the runtime-only venv
 from safetensors.torch import save_file
 
 from patchline.export.backbone import BackboneError, create_backbone

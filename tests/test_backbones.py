@@ -9,8 +9,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import pytest
+
+torch = pytest.importorskip("torch")  # the export extra: not in the runtime-only venv
 import timm
-import torch
 
 from patchline.export.catalogue import CATALOGUE, construct, resolve
 from patchline.export.backbone import BackboneError

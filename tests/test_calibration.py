@@ -7,6 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+pytest.importorskip("sklearn")  # the calibration extra: not in the runtime-only venv
 from sklearn.metrics import roc_auc_score
 
 from patchline.calibration.dataset import defect_samples, good_samples

@@ -13,17 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL_OVERRIDES
+from tests.conftest import SMALL_OVERRIDES, export_python, patchline
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def patchline(*args: str, python: str = sys.executable, cwd: Path | None = None, check: bool = True):
-    result = subprocess.run([python, "-m", "patchline.runtime.cli", *args], capture_output=True, text=True,
-                            cwd=cwd, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"patchline {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +23,7 @@ def cli_artifact(sample_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "artifact"
     sets = [arg for o in SMALL_OVERRIDES for arg in ("--set", o)]
     result = patchline("export", "--images", str(sample_data), "--out", str(out), "--quiet",
-                       "--config", str(ROOT / "configs" / "default.yaml"), *sets)
+                       "--config", str(ROOT / "configs" / "default.yaml"), *sets, python=export_python())
     summary = json.loads(result.stdout)
     assert summary["images_used"] == 20 and summary["images_skipped"] == 0
     assert summary["bank"] == [2048, 192]
@@ -58,11 +50,21 @@ def test_score_prints_json_lines_and_writes_heatmaps(cli_artifact, sample_data, 
     assert np.mean(bad) > np.mean(good)
 
 
-def test_score_reports_unreadable_images_and_exits_nonzero(cli_artifact, tmp_path):
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    result = patchline("score", "--artifact", str(cli_artifact), str(tmp_path / "broken.png"), check=False)
+def test_score_reports_unreadable_images_and_exits_nonzero(cli_artifact, sample_data, tmp_path):
+    from tests.hostile import lying_png
+
+    (tmp_path / "a-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "b-lying.png").write_bytes(lying_png())  # 69 bytes declaring 50000x50000 (OpenCV 5 asserts on it)
+    (tmp_path / "c-good.png").write_bytes((sample_data / "test" / "good" / "000.png").read_bytes())
+    result = patchline("score", "--artifact", str(cli_artifact), str(tmp_path), check=False)
     assert result.returncode == 1
-    assert json.loads(result.stdout)["error"].startswith("not a decodable image")
+    broken, lying, good = (json.loads(line) for line in result.stdout.splitlines())
+    assert broken["error"].startswith("PNG header cut short")
+    assert lying["error"] == "its PNG header declares 50000x50000 pixels, more than the limit of 100000000 (max_pixels)"
+    assert good["path"].endswith("c-good.png") and good["score"] > 0  # the files after a bad one are scored
+    result = patchline("score", "--artifact", str(cli_artifact), "--max-pixels", "100", str(tmp_path / "c-good.png"),
+                       check=False)
+    assert result.returncode == 1 and "128x128 pixels, more than the limit of 100" in result.stdout
 
 
 def test_bad_config_and_artifact_refuse_with_a_clear_message(tmp_path, sample_data):
@@ -75,7 +77,19 @@ def test_bad_config_and_artifact_refuse_with_a_clear_message(tmp_path, sample_da
     assert result.returncode != 0 and "missing manifest.json" in result.stderr
 
 
+def test_score_with_a_run_config_scores_as_that_camera(cli_artifact, sample_data, tmp_path):
+    """`--config /etc/patchline/<camera>.yaml`: the camera's artifact and settings, without repeating them."""
+    run = tmp_path / "cam1.yaml"
+    run.write_text(json.dumps({"camera": "cam1", "artifact": str(cli_artifact), "device": "cpu",
+                               "source": {"kind": "folder", "path": str(tmp_path)}}))
+    image = str(sample_data / "test" / "good" / "000.png")
+    by_config = json.loads(patchline("score", "--config", str(run), image).stdout)
+    by_options = json.loads(patchline("score", "--artifact", str(cli_artifact), "--device", "cpu", image).stdout)
+    assert by_config["score"] == by_options["score"] > 0
+
+
 def test_eval_prints_table_and_auroc(cli_artifact, sample_data, tmp_path):
+    pytest.importorskip("sklearn")  # the calibration extra: not in the runtime-only venv
     result = patchline("eval", "--artifact", str(cli_artifact), "--data", str(sample_data),
                        "--report", str(tmp_path / "report"))
     line = next(line for line in result.stdout.splitlines() if line.startswith("image AUROC"))

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the export extra: not in the runtime-only venv
 
 from patchline.runtime.score import _nearest_indices, anomaly_map
 

@@ -13,7 +13,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -32,18 +31,15 @@ from patchline.runtime.decision import Calibration
 from patchline.runtime.evidence import EvidenceStore
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.sources import open_source
-from patchline.runtime.verdict import SCHEMA_PATH
+from patchline.runtime.verdict import SCHEMA_PATH, epoch_seconds
 from tests.broker import Mosquitto, free_port
+from tests.conftest import needs_gstreamer
 from tests.video import write_video
 
 CAMERA = "cam1"
 # Frames of the test video: G good part, D the same part with a large defect.
 PATTERN = "GGGDDGGDGGDG"
 LIVE = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=128,height=128,framerate=10/1"
-
-
-def epoch(timestamp: str) -> float:
-    return datetime.fromisoformat(timestamp).timestamp()
 
 
 def good_part(seed: int) -> np.ndarray:
@@ -80,6 +76,7 @@ class Subscriber:
 
     def __init__(self, port: int) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
+        self.evidence_on_arrival: dict[str, list[str]] = {}  # a verdict's evidence folder: its files when it came
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
@@ -91,6 +88,8 @@ class Subscriber:
         assert subscribed.wait(5)
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic == f"patchline/{CAMERA}/verdict" and (folder := json.loads(message.payload)["evidence"]):
+            self.evidence_on_arrival[folder] = sorted(p.name for p in Path(folder).glob("*"))
         with self.lock:
             self.messages.append(message)
 
@@ -144,6 +143,7 @@ def finish(process: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str]:
     return process.returncode, output
 
 
+@needs_gstreamer
 def test_video_with_known_defects_gives_the_right_verdicts_on_the_broker(tmp_path, mosquitto, subscriber,
                                                                          calibrated_artifact):
     frames = [defective(good_part(i)) if kind == "D" else good_part(i) for i, kind in enumerate(PATTERN)]
@@ -170,9 +170,11 @@ def test_video_with_known_defects_gives_the_right_verdicts_on_the_broker(tmp_pat
     for v in verdicts:
         if v["verdict"] == "NG":
             assert np.hypot(v["location"]["x"] - 60, v["location"]["y"] - 70) < 24, v["location"]
-            assert sorted(p.name for p in Path(v["evidence"]).iterdir()) == ["frame.png", "heatmap.jpg"]
+            # The evidence existed when the verdict naming it arrived.
+            assert subscriber.evidence_on_arrival[v["evidence"]] == ["frame.png", "heatmap.jpg"]
         else:
             assert v["evidence"] is None
+        assert v["evidence_error"] is None
 
     # Mirrors, in the same order, with the same values.
     assert [m.payload.decode() for m in subscriber.on("verdict/state")] == [v["verdict"] for v in verdicts]
@@ -183,6 +185,7 @@ def test_video_with_known_defects_gives_the_right_verdicts_on_the_broker(tmp_pat
     assert "source ended; stopping" in output and output.count(" INFO ") < 40  # events, not a line per frame
 
 
+@needs_gstreamer
 def test_notify_watchdog_health_metrics_and_sigterm(tmp_path, mosquitto, subscriber, small_artifact):
     """Under a real notify socket: READY after the first frame, WATCHDOG from the loop (also while the
     source is gone), /healthz follows the frames, /metrics counts, SIGTERM ends cleanly."""
@@ -257,11 +260,12 @@ def test_notify_watchdog_health_metrics_and_sigterm(tmp_path, mosquitto, subscri
     verdicts = subscriber.verdicts()
     assert [v["seq"] for v in verdicts] == list(range(1, len(verdicts) + 1))
     # No verdict stands for a frame that did not come: a gap while the stream was away.
-    stamps = [epoch(v["timestamp"]) for v in verdicts]
+    stamps = [epoch_seconds(v["timestamp"]) for v in verdicts]
     assert max(np.diff(stamps)) >= 2.0
     assert ready_at < gone_at
 
 
+@needs_gstreamer
 def test_trigger_mode_answers_each_part_and_reports_malformed_triggers(tmp_path, mosquitto, subscriber,
                                                                        small_artifact):
     config = run_config(tmp_path, small_artifact, mosquitto.port, {"kind": "gstreamer", "pipeline": LIVE},
@@ -288,7 +292,7 @@ def test_trigger_mode_answers_each_part_and_reports_malformed_triggers(tmp_path,
     first, second = subscriber.verdicts()
     assert (first["part_id"], second["part_id"]) == ("P-1", "P-2")
     assert [m.payload.decode() for m in subscriber.on("verdict/part_id")] == ["P-1", "P-2"]
-    assert epoch(first["timestamp"]) >= sent - 0.002  # a frame captured at or after the trigger (ms resolution)
+    assert epoch_seconds(first["timestamp"]) >= sent - 0.002  # a frame captured at or after the trigger (ms resolution)
     assert 0 <= first["frame_age_ms"] < 5000 and first["latency_ms"]["trigger_to_verdict"] > 0
     reply = [m for m in subscriber.messages if m.topic == "replies/plc7"]
     assert json.loads(reply[0].payload)["part_id"] == "P-1" and reply[0].properties.CorrelationData == b"\x01\x02"
@@ -296,6 +300,7 @@ def test_trigger_mode_answers_each_part_and_reports_malformed_triggers(tmp_path,
     assert error["error"] == "malformed_trigger" and "JSON" in error["detail"]
 
 
+@needs_gstreamer
 def test_wrong_credentials_exit_non_zero_with_a_clear_error(tmp_path, small_artifact):
     passwords = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "line", "right"], check=True,
@@ -314,6 +319,27 @@ def test_wrong_credentials_exit_non_zero_with_a_clear_error(tmp_path, small_arti
     assert "refused the connection" in output and "Not authorized" in output, output
 
 
+def test_images_dropped_into_a_folder_get_verdicts_on_the_broker(tmp_path, mosquitto, subscriber, calibrated_artifact):
+    """The daemon end to end without GStreamer, so also on Python 3.10 (`make test`): a good part, then a defect."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = run_config(tmp_path, calibrated_artifact, mosquitto.port,
+                        {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.1})
+    daemon = start_daemon(config)
+    try:
+        for count, image in enumerate([good_part(200), defective(good_part(201))], start=1):
+            cv2.imwrite(str(tmp_path / "part.png"), image[..., ::-1])
+            os.replace(tmp_path / "part.png", inbox / f"{count}.png")  # whole files only, as a camera's FTP drop does
+            subscriber.wait_for(lambda: len(subscriber.verdicts()) == count, timeout=90)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+    code, output = finish(daemon)
+    assert code == 0, output
+    verdicts = subscriber.verdicts()
+    assert [(v["seq"], v["verdict"]) for v in verdicts] == [(1, "OK"), (2, "NG")]
+    assert [m.payload for m in subscriber.on("available")][-1] == b"stopped"
+
+
 def test_refuses_to_start_without_calibration_or_threshold(tmp_path, small_artifact):
     config = RunConfig.model_validate({"camera": CAMERA, "artifact": str(small_artifact), "state_dir": str(tmp_path),
                                        "source": {"kind": "folder", "path": str(tmp_path)}})
@@ -324,17 +350,18 @@ def test_refuses_to_start_without_calibration_or_threshold(tmp_path, small_artif
 def test_evidence_keeps_the_newest_folders_within_the_quota(tmp_path):
     rng = np.random.default_rng(0)
     store = EvidenceStore(tmp_path / "evidence", quota_mb=0.5, image_format="png")
-    folders = []
+    settled = []
     for seq in range(1, 9):
         noise = rng.integers(0, 255, (240, 320, 3), np.uint8)  # incompressible: ~230 kB per PNG
-        folders.append(store.submit(seq, 1_700_000_000 + seq, noise, rng.random((64, 64)).astype(np.float32)))
+        store.submit(seq, 1_700_000_000 + seq, noise, rng.random((64, 64)).astype(np.float32),
+                     lambda folder, error: settled.append((folder, error)))
         time.sleep(0.05)  # let the writer keep up; a backlog would drop evidence instead (counted)
     store.close()
     kept = sorted(p for p in (tmp_path / "evidence").iterdir())
     size = sum(f.stat().st_size for p in kept for f in p.iterdir())
-    assert store.saved == 8 and store.dropped == 0
+    assert store.saved == 8 and store.dropped == 0 and all(error is None for _, error in settled)
     assert size <= 0.5 * 1024 * 1024 and len(kept) >= 1
-    assert [str(p) for p in kept] == folders[-len(kept):]  # the oldest went first
+    assert [str(p) for p in kept] == [folder for folder, _ in settled][-len(kept):]  # the oldest went first
     assert sorted(f.name for f in kept[-1].iterdir()) == ["frame.png", "heatmap.jpg"]
 
 
@@ -342,12 +369,16 @@ def test_evidence_writer_survives_a_failing_job_and_close_returns(tmp_path):
     rng = np.random.default_rng(0)
     store = EvidenceStore(tmp_path / "evidence", quota_mb=5, image_format="png")
     image = rng.integers(0, 255, (64, 64, 3), np.uint8)
-    store.submit(1, 1_700_000_001, image, np.zeros((0, 0), np.float32))  # empty map: ValueError, not OSError
-    kept = store.submit(2, 1_700_000_002, image, rng.random((8, 8)).astype(np.float32))
+    settled = []
+    # An empty map: ValueError, not OSError.
+    store.submit(1, 1_700_000_001, image, np.zeros((0, 0), np.float32), lambda *result: settled.append(result))
+    store.submit(2, 1_700_000_002, image, rng.random((8, 8)).astype(np.float32), lambda *result: settled.append(result))
     started = time.monotonic()
     store.close(timeout=10)
     assert time.monotonic() - started < 5 and not store._thread.is_alive()
     assert (store.saved, store.failed) == (1, 1)
+    (failed, why), (kept, none) = settled
+    assert (failed, why, none) == (None, "write_failed", None)
     assert [str(p) for p in (tmp_path / "evidence").iterdir()] == [kept]  # the failed folder was removed
 
 
@@ -367,6 +398,7 @@ def test_a_busy_metrics_port_names_the_setting():
         taken.close()
 
 
+@needs_gstreamer
 def test_the_example_line_config_is_valid_and_its_pipeline_parses():
     config = load_config(Path(__file__).parents[1] / "configs" / "line.yaml", [], model=RunConfig)
     assert config.source.kind == "gstreamer" and config.mqtt.password_credential == "mqtt-password"
@@ -381,6 +413,7 @@ def test_refuses_int8_when_the_artifact_has_no_int8_model(tmp_path, small_artifa
         Daemon(config)
 
 
+@needs_gstreamer
 def test_continuous_mode_answers_triggers_at_once_with_not_in_trigger_mode(tmp_path, mosquitto, subscriber,
                                                                             small_artifact):
     config = run_config(tmp_path, small_artifact, mosquitto.port, {"kind": "gstreamer", "pipeline": LIVE},

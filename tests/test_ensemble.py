@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the export extra: not in the runtime-only venv
 import torch.nn.functional as F
 
 from patchline.export.embedding import build_from_config

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def ort_providers() -> list[str]:
 
 def reference_batch(artifact) -> tuple[np.ndarray, np.ndarray]:
     """A batch of 3 and the CPU engine's embeddings for it."""
-    height, width = artifact.manifest.preprocess.image_size
+    height, width = artifact.manifest.preprocess.input_size  # the engine's input: after any centre crop
     batch = np.random.default_rng(0).standard_normal((3, 3, height, width), dtype=np.float32)
     return batch, OnnxRuntimeEngine(artifact, device="cpu")(batch)
 
@@ -106,6 +107,31 @@ def test_tensorrt_inspector_with_cpu_threads_fails_only_on_the_missing_gpu(small
         Inspector(small_artifact, engine="tensorrt", threads=2)
 
 
+@pytest.mark.skipif(GPU_REASON is None, reason="a GPU is present")
+@pytest.mark.parametrize("gpu_part", [{"distance": "cuda"}, {"engine": "tensorrt"}])
+def test_run_without_a_usable_gpu_exits_78_saying_why(small_artifact, tmp_path, gpu_part) -> None:
+    """A GPU problem at start is one a restart cannot fix: EX_CONFIG, so systemd does not restart-loop."""
+    from tests.test_daemon import finish, run_config, start_daemon
+
+    config = run_config(tmp_path, small_artifact, 1883, {"kind": "folder", "path": str(tmp_path)}, threshold=1.0,
+                        **gpu_part)
+    code, output = finish(start_daemon(config))
+    assert code == 78, output
+    # Without the GPU's device nodes the daemon's device-node check (runtime/gpu_preflight.py) stops it first.
+    nodes = Path("/dev/nvidiactl").exists() or Path("/dev/nvmap").exists()
+    reason = "pycuda cannot be imported" if nodes else "GPU 0 cannot be used from this process: /dev/nvidiactl does not exist"
+    assert f"cannot start: {reason}" in output and "Traceback" not in output, output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_tensorrt_int8_calibration_without_tensorrt_says_what_is_missing(small_artifact, tmp_path) -> None:
+    from patchline.calibration.tensorrt_calibrator import calibrate_engine
+
+    settings = TensorRtConfig(precision="int8", calibration_cache=str(tmp_path / "calibration.cache"))
+    with pytest.raises(EngineError, match="TensorRT's Python package cannot be imported.*'gpu' extra"):
+        calibrate_engine(small_artifact, tmp_path, settings)
+
+
 def test_gpu_libraries_are_imported_lazily() -> None:
     code = ("import sys\n"
             "import patchline.runtime.cli, patchline.runtime.engine, patchline.runtime.inspector\n"
@@ -118,7 +144,7 @@ def test_gpu_libraries_are_imported_lazily() -> None:
 
 def test_fp16_graph_for_tensorrt_11(small_artifact, tmp_path) -> None:
     """TensorRT 11 has no FP16 builder flag: the graph itself is converted, keeping FP32 inputs and outputs."""
-    import onnx
+    onnx = pytest.importorskip("onnx")  # the gpu extras install it; the runtime-only venv does not
     import onnxruntime as ort
 
     from patchline.runtime.trt_build import convert_to_fp16
@@ -156,16 +182,17 @@ def test_tensorrt_engine_matches_cpu(small_artifact, tmp_path, precision: str, t
     from patchline.runtime.tensorrt_engine import TensorRtEngine
 
     artifact = load_artifact(small_artifact)
-    settings = TensorRtConfig(precision=precision, batch_profile=(1, 2, 4), cache_dir=str(tmp_path),
+    settings = TensorRtConfig(precision=precision, batch_profile=(2, 3, 4), cache_dir=str(tmp_path),
                               workspace_mb=512)
     engine = TensorRtEngine(artifact, tensorrt=settings)
     assert engine.built and engine.engine_file.is_file() and engine.engine_file.with_suffix(".json").is_file()
-    assert (engine.min_batch, engine.max_batch) == (1, 4)
+    assert (engine.min_batch, engine.max_batch) == (2, 4)
     batch, want = reference_batch(artifact)
-    for n in (1, 3):
+    for n in (1, 3):  # 1 is below the profile's min: run as 2 with a zero frame
         assert relative_error(engine(batch[:n]), want[:n]) < tolerance
-    six = np.concatenate([batch, batch])  # more than the profile's max: split into 4 + 2
-    assert relative_error(engine(six), np.concatenate([want, want])) < tolerance
+    five = np.concatenate([batch, batch[:2]])  # more than the profile's max: split into 4 + 1 (run as 2)
+    assert relative_error(engine(five), np.concatenate([want, want[:2]])) < tolerance
+    engine.close()
     again = TensorRtEngine(artifact, tensorrt=settings)
     assert not again.built and again.engine_file == engine.engine_file
     assert list(tmp_path.glob("sm*/timing_trt*.cache")), "the timing cache is kept"
@@ -184,6 +211,8 @@ def test_tensorrt_engine_refuses_to_build_when_disabled(small_artifact, tmp_path
 def test_inspector_on_gpu_scores_like_cpu(small_artifact, sample_data, tmp_path) -> None:
     settings = TensorRtConfig(precision="fp32", cache_dir=str(tmp_path))
     gpu = Inspector(small_artifact, engine="tensorrt", distance="cuda", tensorrt=settings)
+    assert gpu.gpu_bank.device is gpu.engine.device  # the kernel runs on the engine's GPU
+    assert gpu.gpu_bank.cache_dir == tmp_path / "kernels"  # and caches its modules where the engines are
     cpu = Inspector(small_artifact, device="cpu")
     for path in list_images(sample_data / "test")[:4]:
         image = read_image(path)
@@ -220,4 +249,5 @@ def test_bench_gpu_writes_results(small_artifact, tmp_path) -> None:
     path = write_results(results, tmp_path / "results")
     assert path.is_file() and results["device"]["compute_capability"]
     kernel = results["distance_kernel"]
-    assert kernel["fp32_queries_256"]["kernel_device"]["tflops"] > 0
+    patches = results["model"]["patches_per_image"]  # the first layer's grid: 32 × 32 for layer1 at 128 px
+    assert kernel[f"fp32_queries_{patches}"]["kernel_device"]["tflops"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -26,8 +27,9 @@ from patchline.runtime.config import MqttConfig, TlsConfig
 from patchline.runtime.decision import Decision
 from patchline.runtime.mqtt import MqttError, MqttSink, Topics, Trigger, parse_trigger, read_password
 from patchline.runtime import verdict as verdict_module
-from patchline.runtime.verdict import SCHEMA_PATH, SeqCounter, make_verdict
+from patchline.runtime.verdict import SCHEMA_PATH, SeqCounter, epoch_seconds, iso_utc, make_verdict
 from tests.broker import Mosquitto, free_port
+from tests.conftest import fill
 from tests.mqtt_child import CAMERA, sample_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +110,7 @@ def test_verdict_payload_matches_schema_and_rejects_bad_values() -> None:
     uncalibrated = make_verdict(**dict(_args(), timestamp=0.0, decision=Decision(0.5, None, 1.0, "OK"), latency_ms={}))
     VALIDATOR.validate(uncalibrated)
     assert uncalibrated["timestamp"] == "1970-01-01T00:00:00.000Z" and uncalibrated["normalised_score"] is None
+    assert epoch_seconds(uncalibrated["timestamp"]) == 0.0 and epoch_seconds(iso_utc(1714564800.123)) == 1714564800.123
     bad = dict(v, verdict="MAYBE")
     assert not VALIDATOR.is_valid(bad)
     with pytest.raises(ValueError, match="score"):
@@ -502,3 +505,51 @@ def test_tls_with_client_certificate(tmp_path: Path, open_sinks) -> None:
             MqttSink(missing_ca, CAMERA, tmp_path).start()
     finally:
         broker.stop()
+
+
+def test_seq_counter_numbers_on_a_full_disk_and_hands_out_nothing_it_cannot_record(
+        small_disk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a real filesystem filled to 100 %: the record is rewritten in place (no new block), so numbering and
+    the synced reservations go on; a counter whose file cannot even be created raises and hands out nothing."""
+    monkeypatch.setattr(verdict_module, "RESERVE", 3)
+    disk = small_disk(1)
+    counter = SeqCounter(disk / "cam1.seq")
+    assert [counter.next() for _ in range(2)] == [1, 2]
+    hog = fill(disk)
+    assert [counter.next() for _ in range(10)] == list(range(3, 13))  # three reservations raised and synced
+    assert SeqCounter(disk / "cam1.seq").next() == 13  # a restart on the full disk: no repeat, no gap
+    fresh = SeqCounter(disk / "cam2.seq")  # a camera whose counter was never written
+    for _ in range(2):
+        with pytest.raises(OSError) as err:
+            fresh.next()
+        assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in disk.iterdir()) == ["cam1.seq", hog.name]  # no temp file holds space
+    hog.unlink()
+    assert fresh.next() == 1  # space is back: numbering starts, nothing was skipped or repeated
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_retained_trigger_is_answered_on_error_at_every_start_and_never_inspected(
+        mosquitto: Mosquitto, tmp_path: Path, open_sinks, protocol: str) -> None:
+    """A PLC published its trigger with -r once: the broker replays it to every new subscription."""
+    plc = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    plc.connect("127.0.0.1", mosquitto.port)
+    plc.loop_start()
+    plc.publish(TOPICS.trigger, json.dumps({"part_id": "OLD-1"}), qos=1, retain=True).wait_for_publish(5)
+    listener = Listener(mosquitto.port, [TOPICS.error])
+    for start in range(2):  # two starts of the daemon: each is told, neither inspects
+        triggers: queue.Queue[Trigger] = queue.Queue()
+        sink = start_sink(open_sinks, mosquitto.port, tmp_path / "state", on_trigger=triggers.put, protocol=protocol)
+        assert sink.wait_connected(5)
+        assert listener.wait(lambda ms, n=start + 1: len(ms) == n)
+        plc.publish(TOPICS.trigger, "LIVE-1", qos=1).wait_for_publish(5)  # a live trigger still goes through
+        assert triggers.get(timeout=5).part_id == "LIVE-1" and triggers.empty()
+        sink.stop(flush_timeout=1)
+    plc.loop_stop()
+    plc.disconnect()
+    listener.close()
+    errors = [json.loads(payload) for payload in listener.on(TOPICS.error)]
+    assert len(errors) == 2
+    for error in errors:
+        assert error["error"] == "retained_trigger" and error["part_id"] == "OLD-1"
+        assert f"mosquitto_pub -r -n -t {TOPICS.trigger}" in error["detail"]

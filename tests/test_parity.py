@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the export extra: not in the runtime-only venv
 
 from patchline.export.embedding import build_embedding
 from patchline.runtime.artifact import load_artifact

@@ -5,6 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
+pytest.importorskip("onnx")  # the calibration extra: not in the runtime-only venv
+
 from patchline.calibration.quantize import CalibrationBatches, calibration_images, ort_reader
 from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import TensorRtConfig

@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
+pytest.importorskip("skimage", reason="the real-photo data set needs scikit-image (the bench extra)")
+
 from patchline.export.real_photos import DEFECTS, DEFAULT_PHOTOS, RESERVED, generate_real, load_photo, resolve_photos
 from patchline.runtime.cli import main
 from patchline.runtime.preprocess import list_images

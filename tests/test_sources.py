@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,8 @@ from patchline.runtime.config import SourceConfig
 from patchline.runtime.sources import (EndOfStream, SourceConfigError, open_source, opencv_has_gstreamer,
                                        reconnect_delay)
 from tests.broker import free_port
+from tests.conftest import needs_gstreamer
+from tests.hostile import corpus, encode, lying_png
 from tests.video import corrupt_frames, grey_frames, write_video
 
 SOURCE = TypeAdapter(SourceConfig)
@@ -40,6 +43,7 @@ def grey_index(frame) -> int:
     return round((float(frame.image.mean()) - 10) / 10)
 
 
+@needs_gstreamer
 def test_videotestsrc_frames_are_rgb_with_capture_times():
     src = source(kind="gstreamer",
                  pipeline="videotestsrc is-live=true ! video/x-raw,width=161,height=120,framerate=30/1")
@@ -59,6 +63,7 @@ def test_videotestsrc_frames_are_rgb_with_capture_times():
     assert src.counters.frames == 5 and src.counters.stalls == 0
 
 
+@needs_gstreamer
 def test_filesrc_plays_to_end_of_stream_then_loops(tmp_path):
     video = write_video(tmp_path / "clip.avi", grey_frames(12), fps=30)
     pipeline = f"filesrc location={video} ! decodebin"
@@ -79,6 +84,7 @@ def test_filesrc_plays_to_end_of_stream_then_loops(tmp_path):
     assert seen.index(0, 1) > 0 and looping.counters.reconnects == 0  # back at frame 0, a loop not a failure
 
 
+@needs_gstreamer
 def test_corrupt_frames_in_a_stream_are_counted_and_skipped(tmp_path):
     video = write_video(tmp_path / "clip.avi", grey_frames(12), fps=30)
     corrupt_frames(video, [4, 5])
@@ -121,25 +127,151 @@ def test_folder_source_takes_new_images_oldest_first_and_skips_corrupt(tmp_path)
     assert frame.origin == "late.png" and frame.index == 3
 
 
-def test_roi_crops_and_refuses_a_region_outside_the_frame(tmp_path):
+def test_roi_crops_and_a_frame_that_does_not_contain_it_is_skipped(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     image = np.random.default_rng(0).integers(0, 255, (120, 160, 3), np.uint8)
     cv2.imwrite(str(inbox / "x.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    os.utime(inbox / "x.png", (1000, 1000))
+    cv2.imwrite(str(inbox / "small.png"), image[:40, :50])  # one odd file must not stop the line
+    os.utime(inbox / "small.png", (1001, 1001))
     src = source(kind="folder", path=str(inbox), poll_interval_s=0.05, roi={"x": 10, "y": 20, "width": 64, "height": 48})
     frame = None
     while frame is None:
         frame = src.read(1.0)
     assert np.array_equal(frame.image, image[20:68, 10:74])
-
+    while src.counters.corrupt == 0:
+        assert src.read(1.0) is None
     cv2.imwrite(str(inbox / "y.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    outside = source(kind="folder", path=str(inbox), poll_interval_s=0.05,
-                     roi={"x": 100, "y": 0, "width": 64, "height": 48})
-    with pytest.raises(SourceConfigError, match="outside the 160x120 frame"):
-        for _ in range(40):
-            outside.read(0.5)
+    frame = None
+    while frame is None:
+        frame = src.read(1.0)
+    assert frame.origin == "y.png" and src.counters.frames == 2 and src.counters.reconnects == 0
 
 
+def test_folder_source_takes_hostile_files_and_symlink_loops_in_its_stride(tmp_path, caplog):
+    """Every file of the hostile corpus becomes a frame or is counted corrupt; entries that cannot be stat'ed or
+    opened (a symlink loop, a folder named like an image, no read permission) are skipped, counted and named."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8)
+    files, usable = corpus(rgb)
+    for name, data in files.items():
+        (inbox / name).write_bytes(data)
+    os.symlink("loop.png", inbox / "loop.png")  # a link to itself
+    os.symlink("pong.png", inbox / "ping.png")  # and two that point at each other
+    os.symlink("ping.png", inbox / "pong.png")
+    (inbox / "folder.png").mkdir()
+    src = source(kind="folder", path=str(inbox), poll_interval_s=0.05)
+    got, deadline = [], time.monotonic() + 60
+    while src.counters.frames + src.counters.corrupt < len(files) and time.monotonic() < deadline:
+        frame = src.read(0.5)
+        if frame is not None:
+            got.append(frame)
+    assert sorted(f.origin for f in got) == sorted(usable)
+    assert all(f.image.shape == (96, 128, 3) and f.image.dtype == np.uint8 for f in got)
+    assert src.counters.corrupt == len(files) - len(usable)
+    assert src.counters.unreadable == 4 and src.counters.reconnects == 0
+    skipped = {r.getMessage() for r in caplog.records if "skipping" in r.getMessage()}
+    for name, reason in [("loop.png", "Too many levels of symbolic links"), ("ping.png", "symbolic links"),
+                         ("pong.png", "symbolic links"), ("folder.png", "not a regular file")]:
+        assert any(str(inbox / name) in line and reason in line for line in skipped), (name, skipped)
+    for _ in range(3):  # polls go on: the loops are not counted again, the source does not reconnect
+        assert src.read(0.2) is None
+    assert src.counters.unreadable == 4 and src.counters.reconnects == 0
+    (inbox / "late.png").write_bytes(files["good.png"])
+    (inbox / "locked.png").write_bytes(files["good.png"])
+    (inbox / "locked.png").chmod(0)
+    frame = None
+    while frame is None and time.monotonic() < deadline:
+        frame = src.read(0.5)
+    assert frame.origin == "late.png"
+    if os.geteuid() != 0:  # root reads a file whatever its mode
+        assert src.read(0.5) is None and src.counters.unreadable == 5
+        assert any("locked.png: cannot read: Permission denied" in r.getMessage() for r in caplog.records)
+
+
+@needs_gstreamer
+@pytest.mark.parametrize("stream", ["mjpeg-avi", "png-files"])
+def test_gstreamer_drops_frames_whose_headers_lie_and_plays_on(tmp_path, stream):
+    """jpegdec cannot negotiate a frame declaring 50000x50000 and would stop the pipeline; the header is read
+    before the decoder and the frame counted corrupt instead."""
+    frames = grey_frames(12)
+    if stream == "mjpeg-avi":
+        video = write_video(tmp_path / "clip.avi", frames, fps=30)
+        data = bytearray(video.read_bytes())
+        starts = [i for i in range(len(data) - 2) if data[i : i + 3] == b"\xff\xd8\xff"]
+        for index in (4, 7):
+            sof = data.index(b"\xff\xc0", starts[index])
+            data[sof + 5 : sof + 9] = (50000).to_bytes(2, "big") * 2  # same length: the container stays valid
+        video.write_bytes(bytes(data))
+        head = f"filesrc location={video} ! decodebin"
+    else:
+        for index, frame in enumerate(frames):
+            (tmp_path / f"{index:03d}.png").write_bytes(lying_png() if index in (4, 7) else encode(frame, ".png"))
+        head = (f'multifilesrc location={tmp_path}/%03d.png stop-index=11 caps="image/png,framerate=30/1" '
+                "! pngdec")
+    src = source(kind="gstreamer", at_end="stop", pipeline=f"{head} ! videoconvert ! video/x-raw,format=BGR ! "
+                 "appsink sync=false max-buffers=64")
+    got = read_all(src)
+    assert [grey_index(f) for f in got] == [0, 1, 2, 3, 5, 6, 8, 9, 10, 11]
+    assert src.counters.corrupt == 2 and src.counters.lost == 0 and src.counters.reconnects == 0
+
+
+def test_folder_source_remembers_inspected_files_across_restarts(tmp_path, monkeypatch):
+    from patchline.runtime import inspected_files
+
+    inbox, memory = tmp_path / "inbox", tmp_path / "state" / "cam1.inspected"
+    inbox.mkdir()
+    memory.parent.mkdir()
+    frames = grey_frames(3)
+
+    def drop(name: str, index: int) -> None:
+        cv2.imwrite(str(inbox / name), frames[index])
+
+    def take(src, count: int) -> list[str]:
+        names, deadline = [], time.monotonic() + 20
+        while len(names) < count and time.monotonic() < deadline:
+            frame = src.read(0.3)
+            if frame is not None:
+                names.append(frame.origin)
+        assert src.read(0.3) is None  # and nothing more
+        return names
+
+    def start():
+        return open_source(SOURCE.validate_python({"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05}),
+                           memory=memory)
+
+    for index, name in enumerate(["a.png", "b.png", "c.png"]):
+        drop(name, index)
+    assert sorted(take(start(), 3)) == ["a.png", "b.png", "c.png"]
+    drop("d.png", 0)  # arrives while the daemon is down
+    restarted = start()
+    assert take(restarted, 1) == ["d.png"]  # a, b, c were inspected before the restart
+    lines = memory.read_text().splitlines()
+    assert json.loads(lines[0]) == {"folder": str(inbox.resolve())} and sorted(map(json.loads, lines[1:])) == [
+        "a.png", "b.png", "c.png", "d.png"]
+
+    # Bounded by what the folder holds: names of files gone are forgotten, the journal is compacted.
+    monkeypatch.setattr(inspected_files, "COMPACT_SLACK", 2)
+    for name in ["a.png", "b.png", "c.png"]:
+        (inbox / name).unlink()
+    for index in range(6):
+        drop(f"e{index}.png", index % 3)
+    assert len(take(restarted, 6)) == 6
+    assert len(memory.read_text().splitlines()) == 1 + 10
+    for index in range(6):
+        (inbox / f"e{index}.png").unlink()
+    assert take(restarted, 0) == []
+    assert [json.loads(line) for line in memory.read_text().splitlines()[1:]] == ["d.png"]
+    assert take(start(), 0) == []
+
+    # A memory written for another folder is not taken for this one's.
+    memory.write_text(json.dumps({"folder": "/elsewhere"}) + "\n" + json.dumps("d.png") + "\n")
+    assert take(start(), 1) == ["d.png"]
+
+
+@needs_gstreamer
 def test_stalled_network_stream_is_detected_and_reconnected():
     """A real UDP/RTP stream whose sender freezes: a stall, reconnects, and no frame while it is frozen."""
     port = free_port()
@@ -177,6 +309,7 @@ def test_stalled_network_stream_is_detected_and_reconnected():
     assert len(after) > 5 and all(f.monotonic >= thawed_at for f in after)
 
 
+@needs_gstreamer
 def test_bad_pipeline_is_refused_at_start():
     with pytest.raises(SourceConfigError, match="nosuchelement"):
         source(kind="gstreamer", pipeline="nosuchelement ! fakesink")

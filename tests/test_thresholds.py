@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("sklearn")  # the calibration extra: not in the runtime-only venv
+
 from patchline.calibration.calibrate import CalibrationRefused, calibrate_scores, parse_rate
 from patchline.calibration.dataset import Sample
 from patchline.calibration.metrics import area_up_to, au_pro, pixel_auroc, pro_curve

@@ -9,9 +9,10 @@
 //
 // Compile with -DTOPK=<k>. The host side (patchline/runtime/gpu_distance.py) reads the
 // #defines below, so geometry lives only here. Launches:
+//   to_half(src, dim, padded, dst)               grid (rows),                       block (NORM_THREADS)
 //   sq_norms_{f32,f16}(x, dim, out)              grid (rows),                       block (NORM_THREADS)
 //   euclidean_topk_{f32,f16}(...)                grid (ceil(n / TILE), slices),     block (THREADS)
-//   merge_topk(part_d, part_i, n, lists, ...)    grid (ceil(n / MERGE_THREADS)),    block (MERGE_THREADS)
+//   merge_topk(part_d, part_i, n, lists, ...)    grid (ceil(n / MERGE_ROWS)),       block (MERGE_THREADS)
 
 #include <cuda_fp16.h>
 
@@ -25,7 +26,12 @@
 #define LANES 4            // threads sharing one query row when folding distances into lists
 #define NORM_THREADS 128
 #define MERGE_THREADS 128
+#define MERGE_LANES 8      // threads sharing one query row's lists in the merge
+#define MERGE_ROWS 16      // query rows per merge block: MERGE_THREADS / MERGE_LANES
+#define DIST_PAD 16        // dist's row stride is TILE + DIST_PAD = 16 (mod 32) floats: see topk_tiles
 #define NO_INDEX 2147483647
+static_assert(MERGE_ROWS * MERGE_LANES == MERGE_THREADS, "a merge block holds MERGE_ROWS rows of MERGE_LANES threads");
+static_assert((TILE + DIST_PAD) % 32 == 16, "the distance tile's stores and folds are conflict-free at this stride");
 
 // Keeps (best_d, best_i) sorted ascending by distance, then index. With the loops unrolled
 // every array index is a constant, so the lists stay in registers.
@@ -110,8 +116,10 @@ __device__ __forceinline__ void topk_tiles(const T* __restrict__ x, const float*
                                            int* __restrict__ part_i) {
     __shared__ float xs[CHUNK][TILE + 1];
     __shared__ float ys[CHUNK][TILE + 1];
-    // Row stride = 4 (mod 32): the LANES x 8 rows a warp folds at once fall on distinct banks.
-    __shared__ float dist[TILE][TILE + LANES];
+    // Row stride = 16 (mod 32): a warp stores two rows of 16 columns, which then fall on distinct banks.
+    // The fold below reads 8 rows x LANES columns per warp; it starts each pair of rows at another column
+    // step, so those reads fall on distinct banks too (rows of one parity share banks at this stride).
+    __shared__ float dist[TILE][TILE + DIST_PAD];
 
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int row = threadIdx.x / LANES, lane = threadIdx.x % LANES;
@@ -157,14 +165,21 @@ __device__ __forceinline__ void topk_tiles(const T* __restrict__ x, const float*
             for (int j = 0; j < 4; ++j) {
                 const int r = ty + 16 * i, c = tx + 16 * j;
                 const int q = q0 + r, b = b0 + c;
-                // Rounding can push the distance of near-identical rows below zero, as on the CPU.
-                dist[r][c] = (q < n && b < m) ? fmaxf(x_sq[q] + bank_sq[b] - 2.0f * acc[i][j], 0.0f) : INFINITY;
+                const float d = (q < n && b < m) ? x_sq[q] + bank_sq[b] - 2.0f * acc[i][j] : INFINITY;
+                // Rounding can push the distance of near-identical rows below zero, as on the CPU. A NaN
+                // (a non-finite query or bank row) becomes +inf, never 0, which fmaxf(NaN, 0) would give:
+                // such a query's k nearest are all infinitely far, and the host refuses the frame.
+                dist[r][c] = isnan(d) ? INFINITY : fmaxf(d, 0.0f);
             }
         __syncthreads();
         // No barrier after the fold: the next tile writes dist only after its first staging
-        // barrier, which every thread reaches only once it has folded this tile.
-        const int valid = min(TILE, m - b0);
-        for (int c = lane; c < valid; c += LANES) push(best_d, best_i, dist[row][c], b0 + c);
+        // barrier, which every thread reaches only once it has folded this tile. The order of the
+        // columns does not change the list: push breaks ties by index.
+        const int valid = min(TILE, m - b0), start = (row % 8) / 2;
+        for (int step = 0; step < TILE / LANES; ++step) {
+            const int c = lane + LANES * ((step + start) % (TILE / LANES));
+            if (c < valid) push(best_d, best_i, dist[row][c], b0 + c);
+        }
     }
 
     const int q = q0 + row;
@@ -177,6 +192,15 @@ __device__ __forceinline__ void topk_tiles(const T* __restrict__ x, const float*
             part_i[at] = best_i[j];
         }
     }
+}
+
+// FP16 queries arrive as float and are rounded here: on the host, numpy's float16 cast took longer than the
+// search itself. A value beyond ±65504 rounds to inf, and the search makes such a row infinitely far.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    to_half(const float* src, int dim, int padded, __half* dst) {
+    const size_t row = blockIdx.x;
+    for (int c = threadIdx.x; c < padded; c += blockDim.x)
+        dst[row * padded + c] = __float2half_rn(c < dim ? src[row * dim + c] : 0.0f);
 }
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) sq_norms_f32(const float* x, int dim, float* out) {
@@ -199,16 +223,32 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     topk_tiles(x, x_sq, bank, bank_sq, n, m, dim, tiles_per_slice, part_d, part_i);
 }
 
-// One thread per query row folds its lists into the final k, ascending, as distances.
+// MERGE_LANES threads per query row each fold every MERGE_LANES-th list entry, then the first folds the
+// others' lists into the final k, ascending, as distances. Several threads per row give one frame's
+// queries enough blocks to fill the GPU. A warp reads 16 consecutive rows of 2 entries: whole sectors.
 extern "C" __global__ void __launch_bounds__(MERGE_THREADS)
     merge_topk(const float* __restrict__ part_d, const int* __restrict__ part_i, int n, int lists,
                float* __restrict__ out_d, int* __restrict__ out_i) {
-    const int q = blockIdx.x * MERGE_THREADS + threadIdx.x;
-    if (q >= n) return;
+    __shared__ float share_d[TOPK][MERGE_THREADS];
+    __shared__ int share_i[TOPK][MERGE_THREADS];
+    const int slot = threadIdx.x % MERGE_ROWS, lane = threadIdx.x / MERGE_ROWS;
+    const int q = blockIdx.x * MERGE_ROWS + slot;
     float best_d[TOPK];
     int best_i[TOPK];
     clear(best_d, best_i);
-    for (int e = 0; e < lists * TOPK; ++e) push(best_d, best_i, part_d[(size_t)e * n + q], part_i[(size_t)e * n + q]);
+    if (q < n)
+        for (int e = lane; e < lists * TOPK; e += MERGE_LANES)
+            push(best_d, best_i, part_d[(size_t)e * n + q], part_i[(size_t)e * n + q]);
+#pragma unroll
+    for (int j = 0; j < TOPK; ++j) {
+        share_d[j][threadIdx.x] = best_d[j];
+        share_i[j][threadIdx.x] = best_i[j];
+    }
+    __syncthreads();
+    if (q >= n || lane != 0) return;
+    for (int other = slot + MERGE_ROWS; other < MERGE_THREADS; other += MERGE_ROWS)
+#pragma unroll
+        for (int j = 0; j < TOPK; ++j) push(best_d, best_i, share_d[j][other], share_i[j][other]);
 #pragma unroll
     for (int j = 0; j < TOPK; ++j) {
         out_d[(size_t)q * TOPK + j] = sqrtf(best_d[j]);
