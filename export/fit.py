@@ -32,7 +32,7 @@ from patchline.runtime.artifact import (
     now_iso,
     write_manifest,
 )
-from patchline.runtime.bank_index import build_index, write_index
+from patchline.runtime.bank_index import HeldOut, build_index, held_out_images, write_index
 from patchline.runtime.config import Config
 from patchline.runtime.decision import Calibration
 from patchline.runtime.preprocess import ImageError, Preprocessor, iter_images, list_images, training_root
@@ -101,17 +101,20 @@ def write_artifact(
     opset: int,
     tolerance: float,
     calibration: Calibration | None = None,
+    held_out: HeldOut | None = None,
 ) -> Manifest:
     """Save the bank and its search index, export the module to ONNX and verify it, and write the manifest.
 
     The model id is ``id_prefix`` and the bank's digest; the index's build time joins ``training.timings_s``.
+    ``held_out`` are the rows the default search is measured with (default: held-out bank rows).
     """
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     np.save(out / BANK_FILE, bank)
-    extra_files = write_index(out, build_index(bank, num_neighbors))
+    index = build_index(bank, num_neighbors, held_out)
+    extra_files = write_index(out, index)
     index_s = time.perf_counter() - start
-    log.info("bank index (projection, k-NN graph) in %.1f s", index_s)
+    log.info("bank index (projection, k-NN graph, search measured) in %.1f s", index_s)
 
     input_size = preprocess.input_size
     export_onnx(module, input_size, out / MODEL_FILE, opset)
@@ -141,6 +144,7 @@ def write_artifact(
         sha256={},
         calibration=calibration,
         extra_files=extra_files,
+        search=index.choice,
     )
     return write_manifest(out, manifest)
 
@@ -160,8 +164,9 @@ def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path,
     rows, grid = embed_images(module, info.preprocessor(), images, config.export.batch_size, progress)
     t1 = time.perf_counter()
     log.info("embedded %d images into %d rows × %d dims in %.1f s", len(images), *rows.shape, t1 - t0)
-    selected = greedy_coreset(rows, config.coreset.ratio, config.coreset.projection_dim, config.coreset.seed, progress)
-    bank = np.ascontiguousarray(rows[np.sort(selected)])
+    selected = np.sort(greedy_coreset(rows, config.coreset.ratio, config.coreset.projection_dim, config.coreset.seed,
+                                      progress))
+    bank = np.ascontiguousarray(rows[selected])
     t2 = time.perf_counter()
     log.info("coreset: %d of %d rows in %.1f s", bank.shape[0], rows.shape[0], t2 - t1)
 
@@ -192,4 +197,5 @@ def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path,
         ),
         opset=config.export.opset,
         tolerance=config.export.tolerance,
+        held_out=held_out_images(rows, selected, grid[0] * grid[1]),
     )

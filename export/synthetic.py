@@ -10,6 +10,7 @@ noise; defects are scratches, spots and missing print, each with a pixel mask::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -84,18 +85,27 @@ def render(rng: np.random.Generator, size: int = 256, defect: str | None = None)
     return rgb, mask
 
 
-def generate(out: str | Path, train: int = 40, test_good: int = 10, per_defect: int = 6, size: int = 256, seed: int = 0) -> Path:
-    """Write the data set to ``out`` (MVTec layout) and return it."""
-    root = Path(out)
-    rng = np.random.default_rng(seed)
+Sample = tuple[np.ndarray, np.ndarray]  # an RGB image and its defect mask (all zero for a good part)
+
+
+def write_mvtec(root: str | Path, render_one: Callable[[str | None], Sample], defects: tuple[str, ...], train: int,
+                test_good: int, per_defect: int) -> Path:
+    """Write ``render_one(None)`` good samples and ``render_one(defect)`` defective ones in MVTec layout."""
+    root = Path(root)
     for i in range(train):
-        write_rgb(root / "train" / "good" / f"{i:03d}.png", render(rng, size)[0])
+        write_rgb(root / "train" / "good" / f"{i:03d}.png", render_one(None)[0])
     for i in range(test_good):
-        write_rgb(root / "test" / "good" / f"{i:03d}.png", render(rng, size)[0])
-    for defect in DEFECTS:
+        write_rgb(root / "test" / "good" / f"{i:03d}.png", render_one(None)[0])
+    for defect in defects:
         for i in range(per_defect):
-            rgb, mask = render(rng, size, defect)
+            rgb, mask = render_one(defect)
             write_rgb(root / "test" / defect / f"{i:03d}.png", rgb)
             (root / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(root / "ground_truth" / defect / f"{i:03d}_mask.png"), mask)
     return root
+
+
+def generate(out: str | Path, train: int = 40, test_good: int = 10, per_defect: int = 6, size: int = 256, seed: int = 0) -> Path:
+    """Write the data set to ``out`` (MVTec layout) and return it."""
+    rng = np.random.default_rng(seed)
+    return write_mvtec(out, lambda defect: render(rng, size, defect), DEFECTS, train, test_good, per_defect)

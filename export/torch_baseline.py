@@ -1,10 +1,13 @@
-"""The "what users would run otherwise" baseline: anomalib-style PatchcoreModel forward in eager torch.
+"""The "what users would run otherwise" baselines: anomalib's PatchcoreModel forward in eager torch.
 
-Same model as an artifact (the embedding rebuilt from the manifest as export builds it: any
-backbone or ensemble, either embedding, at the network's input size), then anomalib's scoring
-verbatim in torch: the full ``euclidean_dist`` matrix, ``min``, a second bank-wide search for the reweighting, and
-the nearest-upsampled, Gaussian-blurred map. The benchmark imports this lazily, only
-when a comparison is asked for; the runtime never does.
+``AnomalibPatchcore`` is anomalib's own ``PatchcoreModel`` (the installed package) with the
+artifact's backbone weights and memory bank: what an anomalib user runs. ``TorchPatchcore``
+re-implements it here, for machines without anomalib and for what anomalib's model cannot
+hold (ensembles, the original PatchCore's embedding): the embedding rebuilt from the manifest
+as export builds it, then anomalib's scoring verbatim in torch: the full ``euclidean_dist``
+matrix, ``min``, a second bank-wide search for the reweighting, and the nearest-upsampled,
+Gaussian-blurred map. The benchmark imports this lazily, only when a comparison is asked
+for; the runtime never does.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ def model_config(artifact: Artifact, weights: str | None = None) -> ModelConfig:
 class TorchPatchcore:
     """Eager-torch PatchCore on an artifact's bank; ``forward`` times its stages like the runtime does."""
 
+    label = "in-project torch PatchcoreModel (export/torch_baseline.py)"
+
     def __init__(self, artifact: Artifact, bank: np.ndarray, weights: str | None = None, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -126,3 +131,38 @@ class TorchPatchcore:
         t4 = clock()
         stages = {"backbone": t1 - t0, "distance": t2 - t1, "reweight": t3 - t2, "map": t4 - t3}
         return scores.numpy(), maps[:, 0].numpy(), {k: v * 1000.0 for k, v in stages.items()}
+
+
+class AnomalibPatchcore:
+    """anomalib's own ``PatchcoreModel`` with an artifact's backbone weights and bank; ``forward`` is one timed call.
+
+    Raises ValueError for what anomalib's model cannot hold (an ensemble, the original PatchCore's
+    embedding) and ModuleNotFoundError without anomalib.
+    """
+
+    def __init__(self, artifact: Artifact, bank: np.ndarray, weights: str | None = None, threads: int | None = None) -> None:
+        from importlib.metadata import version
+
+        from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+        info = artifact.manifest.backbone
+        if "+" in info.name or info.pretrain_embed_dimension or info.target_embed_dimension:
+            raise ValueError(f"anomalib's PatchcoreModel holds one backbone with its own embedding, not {info.name} "
+                             "with the original PatchCore's")
+        if threads:
+            torch.set_num_threads(threads)
+        ours, _ = build_from_config(model_config(artifact, weights), artifact.manifest.preprocess.input_size)
+        self.model = PatchcoreModel(layers=info.layers, backbone=info.name, pre_trained=False,
+                                    num_neighbors=artifact.manifest.num_neighbors)
+        self.model.feature_extractor.feature_extractor.load_state_dict(ours.backbone.state_dict())
+        self.model.memory_bank = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
+        self.model.eval()
+        self.label = f"anomalib {version('anomalib')} PatchcoreModel"
+
+    @torch.inference_mode()
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """Scores (N,), maps (N, H, W) and the milliseconds of the one forward call (backbone to map)."""
+        start = time.perf_counter()
+        result = self.model(torch.from_numpy(batch))
+        elapsed = (time.perf_counter() - start) * 1000.0
+        return result.pred_score.numpy(), result.anomaly_map[:, 0].numpy(), {"forward": elapsed}

@@ -17,8 +17,10 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
+
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from patchline.runtime.decision import Calibration
 from patchline.runtime.preprocess import Preprocessor
@@ -91,6 +93,27 @@ class TrainingInfo(Strict):
     timings_s: dict[str, float] = {}
 
 
+class SearchChoice(Strict):
+    """The nearest-row search an artifact runs by default, and the measurement that chose it.
+
+    Measured where the index was built (export, import, `patchline index`): held-out rows
+    searched by the plain blocked GEMM and by the projection-pruned search in turns. The
+    pruned search is chosen only when it was clearly faster there; otherwise the plain one.
+    """
+
+    method: Literal["pruned", "plain"]
+    dims: int = Field(ge=1)  # projected directions of the pruned search
+    pruning_rate: float = Field(ge=0.0, le=1.0)  # fraction of (row, bank row) distances the bounds ruled out
+    pruned_ms: float = Field(gt=0.0)  # median time per held-out frame, both searches on the same rows
+    plain_ms: float = Field(gt=0.0)
+    queries: int = Field(ge=1)  # held-out rows per frame
+    frames: int = Field(ge=1)
+    # Where the rows came from: training images kept out of the bank, images given to `patchline index`, or bank rows.
+    held_out: Literal["training images", "given images", "bank rows"]
+    cpu: str
+    threads: int = Field(ge=1)
+
+
 class Manifest(Strict):
     schema_version: int
     model_id: str
@@ -105,6 +128,7 @@ class Manifest(Strict):
     sha256: dict[str, str]
     calibration: Calibration | None = None
     extra_files: dict[str, str] = {}
+    search: SearchChoice | None = None  # None: never measured (an older artifact); the plain search runs
 
 
 def sha256_file(path: Path) -> str:

@@ -11,12 +11,14 @@ turns of a few frames with the default variant. Results go to
 ``summarise``, ``machine_facts`` and ``write_result`` are shared by every benchmark here
 (bench_gpu, bench/*.py, calibration's INT8 comparison).
 
-Variant names: ``plain`` (no bank index: the blocked GEMM search and a bank-wide search
-for the reweighting, as an artifact exported without the index gets), ``projected``
-(projection-bound search, bank-wide reweighting), ``exact`` (projection + k-NN graph:
-the default runtime path), ``approximate`` (opt-in). ``NAME:DIMS`` projects on DIMS
-directions instead of the default; ``NAME@FILE`` runs it with another model file of the
-artifact, e.g. ``exact@model.int8.onnx``.
+Variant names: ``exact`` (the default runtime path: the nearest-row search the artifact's
+measurement chose, pruned or plain, and the k-NN graph for the reweighting), ``pruned``
+(the projection-pruned search whatever the measurement said, k-NN graph), ``projected``
+(pruned search, bank-wide reweighting), ``plain`` (no bank index: the blocked GEMM search
+and a bank-wide search for the reweighting, as an artifact exported without the index gets),
+``approximate`` (opt-in). ``NAME:DIMS`` projects on DIMS directions instead of the
+default; ``NAME@FILE`` runs it with another model file of the artifact, e.g.
+``exact@model.int8.onnx``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import platform
 import resource
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -37,14 +39,14 @@ import cv2
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
-from patchline.runtime.bank_index import SEARCH_DIMS, BankIndex, build_index, read_index
-from patchline.runtime.distance import available_cores
+from patchline.runtime.bank_index import BankIndex, build_index, index_for_this_machine
+from patchline.runtime.distance import available_cores, cpu_model
 from patchline.runtime.inspector import Inspection, Inspector
 from patchline.runtime.preprocess import decode_image, evaluation_root, list_images
 from patchline.runtime.score import MemoryBank
 
 STAGES = ("decode", "preprocess", "backbone", "distance", "reweight", "map", "publish")
-SEARCHES = ("plain", "projected", "exact", "approximate")
+SEARCHES = ("exact", "pruned", "projected", "plain", "approximate")
 COMPARE_TURN = 5  # frames each side runs in a row in the torch comparison
 
 
@@ -57,7 +59,7 @@ class BenchOptions:
     threads: int | None = None
     variants: list[str] = field(default_factory=lambda: ["exact"])  # NAME[:DIMS][@MODEL_FILE] (parse_variant)
     model_file: str | None = None  # model file of the artifact for every variant that names none
-    dims: int = SEARCH_DIMS
+    dims: int | None = None  # projected dims of the pruned searches (default: the measured choice's)
     bank_size: int | None = None  # subsample the artifact's bank to this many rows
     random_bank: bool = False  # Gaussian rows with the bank's per-dimension mean/std instead of its rows
     graph_optimization: str = "all"
@@ -98,6 +100,13 @@ class Variant:
     inspector: Inspector
     timings: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in (*STAGES, "total")})
     scores: list[float] = field(default_factory=list)
+    pruning: list[float] = field(default_factory=list)  # per frame, when the pruned search ran
+
+    @property
+    def search(self) -> str:
+        """The nearest-row search this variant runs."""
+        search = self.inspector.bank.search
+        return "plain" if search is None else "approximate" if search.approximate else "pruned"
 
 
 def summarise(values_ms: list[float] | np.ndarray, percentiles: tuple[int, ...] = (50, 95), digits: int = 3,
@@ -118,7 +127,7 @@ def summarise(values_ms: list[float] | np.ndarray, percentiles: tuple[int, ...] 
 
 def machine_facts() -> dict[str, object]:
     """The machine a benchmark ran on: host, CPU model, the cores this process may use, Python and numpy."""
-    return {"host": socket.gethostname(), "cpu_model": _cpu_model(), "cores": available_cores(),
+    return {"host": socket.gethostname(), "cpu_model": cpu_model(), "cores": available_cores(),
             "python": platform.python_version(), "numpy": np.__version__}
 
 
@@ -242,13 +251,10 @@ def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, 
             inspectors[key] = Inspector(artifact, device="cpu", threads=options.threads, model_file=key,
                                         graph_optimization=options.graph_optimization)
         inspector = inspectors[key]
-        variant_index = BankIndex(
-            index.mean if search != "plain" else None,
-            index.basis if search != "plain" else None,
-            index.knn if search in ("exact", "approximate") else None,
-        )
+        variant_index = BankIndex() if search == "plain" else replace(index, knn=None) if search == "projected" else index
         own = copy.copy(inspector)  # same engine and preprocessing, its own bank search
-        own.bank = MemoryBank(bank, variant_index, spec.dims or options.dims, search == "approximate", options.threads)
+        own.bank = MemoryBank(bank, variant_index, spec.dims or options.dims, search == "approximate", options.threads,
+                              search="auto" if search in ("exact", "plain") else "pruned")
         variants.append(Variant(spec.name, key, own))
     return variants
 
@@ -266,6 +272,8 @@ def _run_frame(variant: Variant, frame: Frame, publisher: Publisher | None, reco
                 variant.timings[stage].append(stages[stage])
         variant.timings["total"].append(decode_ms + result.timings_ms["total"] + (publish_ms or 0.0))
         variant.scores.append(result.score)
+        if variant.inspector.bank.search is not None:
+            variant.pruning.append(variant.inspector.bank.search.stats.pruning_rate)
 
 
 def _reference(variants: list[Variant]) -> Variant:
@@ -307,7 +315,7 @@ def run_bench(options: BenchOptions) -> dict:
     manifest = artifact.manifest
     bank = _replace_bank(artifact, options)
     t0 = time.perf_counter()
-    index = read_index(artifact) if bank is artifact.bank else build_index(bank, manifest.num_neighbors)
+    index = index_for_this_machine(artifact) if bank is artifact.bank else build_index(bank, manifest.num_neighbors)
     index_s = time.perf_counter() - t0
     if any(parse_variant(v).search != "plain" for v in options.variants) and index.basis is None:
         raise ValueError(f"{options.artifact}: no bank projection in the artifact; only the 'plain' variant can run "
@@ -351,6 +359,7 @@ def run_bench(options: BenchOptions) -> dict:
             "bank": "random" if options.random_bank else ("subsampled" if rows < artifact.bank.shape[0] else "artifact"),
             "index_build_s": round(index_s, 3) if bank is not artifact.bank else None,
             "num_neighbors": manifest.num_neighbors,
+            "search": index.choice.model_dump() if index.choice else None,  # measured on this bank (rebuilt: here)
         },
         "sgemm_gflops": round(rate, 2),
         "sgemm_shape": shape,
@@ -372,12 +381,18 @@ def run_bench(options: BenchOptions) -> dict:
                 stats[stage]["x_floor"] = round(stats[stage]["median_ms"] / stage_floors[stage], 3)
         results["variants"][variant.name] = {
             "model_file": model,
+            "search": variant.search,
+            "pruning_rate_median": round(float(np.median(variant.pruning)), 4) if variant.pruning else None,
             "stages": stats,
             "frames_per_s": round(1000.0 / stats["total"]["median_ms"], 2),
             "mean_score": float(np.mean(variant.scores)),
         }
     if options.compare:
-        results["baseline"] = _compare(options, artifact, bank, frames, _reference(variants))
+        baseline = results["baseline"] = _compare(options, artifact, bank, frames, _reference(variants))
+        # Every variant against the baseline: its median from the interleaved run, the baseline's from its turns.
+        theirs = baseline["stages"]["total"]["median_ms"]
+        baseline["speedup_by_variant"] = {name: round(theirs / v["stages"]["total"]["median_ms"], 3)
+                                          for name, v in results["variants"].items()}
     if options.accuracy:
         results["accuracy"] = _accuracy(variants, options.accuracy)
     results["machine"]["load_avg_after"] = list(np.round(os.getloadavg(), 2))
@@ -388,14 +403,21 @@ def run_bench(options: BenchOptions) -> dict:
 def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames: list[Frame], ours: Variant) -> dict:
     """The eager-torch baseline and ``ours`` again on the same frames, taking turns: per-stage times and the ratio.
 
-    Each side runs COMPARE_TURN frames in a row, so that neither pays on every frame for the
-    other's thread pool (OpenMP, ONNX Runtime) still spinning after its last call.
+    The baseline is anomalib's own PatchcoreModel where anomalib is installed and can hold the
+    model, else the in-project re-implementation; the result says which, and why. Each side
+    runs COMPARE_TURN frames in a row, so that neither pays on every frame for the other's
+    thread pool (OpenMP, ONNX Runtime) still spinning after its last call.
     """
     try:
-        from patchline.export.torch_baseline import TorchPatchcore
+        from patchline.export.torch_baseline import AnomalibPatchcore, TorchPatchcore
     except ModuleNotFoundError as exc:
         raise SystemExit(f"patchline: --compare needs the 'export' extra ({exc.name} is not installed)") from exc
-    baseline = TorchPatchcore(artifact, bank, options.baseline_weights, options.threads)
+    try:
+        baseline = AnomalibPatchcore(artifact, bank, options.baseline_weights, options.threads)
+        why = None
+    except (ModuleNotFoundError, ValueError) as exc:
+        why = f"anomalib not installed ({exc.name})" if isinstance(exc, ModuleNotFoundError) else str(exc)
+        baseline = TorchPatchcore(artifact, bank, options.baseline_weights, options.threads)
     preprocess = ours.inspector.preprocess
 
     def torch_frame(frame: Frame) -> tuple[float, dict[str, float]]:
@@ -417,21 +439,22 @@ def _compare(options: BenchOptions, artifact: Artifact, bank: np.ndarray, frames
     for i in range(options.warmup):
         torch_frame(frames[i % len(frames)])
         our_frame(frames[i % len(frames)])
-    stages: dict[str, list[float]] = {s: [] for s in ("decode", "preprocess", "backbone", "distance", "reweight", "map", "total")}
+    stages: dict[str, list[float]] = {}
     mine: list[float] = []
     score_diff = []
     for start in range(0, options.frames, COMPARE_TURN):
         turn = [frames[i % len(frames)] for i in range(start, min(start + COMPARE_TURN, options.frames))]
         theirs = [torch_frame(frame) for frame in turn]
         for (their_score, times), frame in zip(theirs, turn):
-            for stage, value in times.items():
-                stages[stage].append(value)
-            stages["total"].append(sum(times.values()))
+            for stage, value in {**times, "total": sum(times.values())}.items():
+                stages.setdefault(stage, []).append(value)
             score, total = our_frame(frame)
             mine.append(total)
             score_diff.append(abs(their_score - score) / max(abs(their_score), 1e-12))
     ratio = float(np.median(stages["total"]) / np.median(mine))
     return {
+        "implementation": baseline.label,
+        "not_anomalib_because": why,
         "against": ours.name,
         "torch_threads": _torch_threads(),
         "stages": {stage: summarise(values) for stage, values in stages.items()},
@@ -447,16 +470,6 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def format_table(results: dict) -> str:
     """The results as a table: one row per stage, median / p95 ms per variant, and ×floor where there is one."""
     art = results["artifact"]
@@ -468,12 +481,23 @@ def format_table(results: dict) -> str:
         f"{results['machine']['load_avg_before'][0]} → {results['machine']['load_avg_after'][0]}; "
         f"sgemm {results['sgemm_gflops']} GFLOP/s ({results['sgemm_shape']}); peak RSS {results['peak_rss_mb']} MB",
     ]
+    choice = art.get("search")
+    if choice:
+        lines.append(f"measured default search for this bank: {choice['method']} (pruned {choice['pruned_ms']:.1f} ms vs "
+                     f"plain {choice['plain_ms']:.1f} ms per {choice['queries']}-row frame, pruning rate "
+                     f"{choice['pruning_rate']:.3f}, on {choice['held_out']}, {choice['cpu']})")
     columns = {name: v["stages"] for name, v in results["variants"].items()}
-    if "baseline" in results:
-        columns["torch eager"] = results["baseline"]["stages"]
+    baseline = results.get("baseline")
+    if baseline:
+        columns["anomalib" if baseline["implementation"].startswith("anomalib") else "torch eager"] = baseline["stages"]
     header = f"{'stage':<11}{'floor ms':>10}" + "".join(f"{name[:24]:>26}" for name in columns)
     lines += [header, "-" * len(header)]
-    for stage in (*STAGES, "total"):
+    searches = [v["search"] + (f" ({v['pruning_rate_median']:.1%} pruned)" if v["pruning_rate_median"] is not None
+                               else "") for v in results["variants"].values()]
+    lines.append(f"{'search':<21}" + "".join(f"{cell:>26}" for cell in searches))
+    for stage in (*STAGES, "forward", "total"):
+        if stage == "forward" and not (baseline and "forward" in baseline["stages"]):
+            continue
         floor = next((c[stage].get("floor_ms") for c in columns.values() if stage in c and "floor_ms" in c[stage]), None)
         row = f"{stage:<11}{(f'{floor:.1f}' if floor else '-'):>10}"
         for stats in columns.values():
@@ -492,11 +516,15 @@ def format_table(results: dict) -> str:
     lines.append("cells: median / p95 ms (× the stage's fp32 arithmetic floor at the measured sgemm rate)")
     if "publish" not in next(iter(columns.values())):
         lines.append("publish: not measured here (give --publish HOST:PORT; the daemon's benchmark measures it end to end)")
-    if "baseline" in results:
-        b = results["baseline"]
-        lines.append(f"speed-up vs torch eager (same frames, in turns): {b['speedup_median']:.2f}× per frame "
+    if baseline:
+        b = baseline
+        lines.append(f"baseline: {b['implementation']}" + (f" (not anomalib's own: {b['not_anomalib_because']})"
+                                                           if b["not_anomalib_because"] else ""))
+        lines.append(f"speed-up vs the baseline (same frames, in turns): {b['speedup_median']:.2f}× per frame "
                      f"({b['against']}: {b['ours_total']['median_ms']:.1f} ms vs {b['stages']['total']['median_ms']:.1f} ms); "
                      f"max relative score difference {b['max_rel_score_diff']:.2e}")
+        lines.append("speed-up vs the baseline by variant (its median in the interleaved run): " + ", ".join(
+            f"{name} {ratio:.2f}×" for name, ratio in b["speedup_by_variant"].items()))
     for name, acc in results.get("accuracy", {}).items():
         lines.append(f"accuracy {name}: image AUROC {acc['image_auroc']:.4f} on {acc['images']} images, "
                      f"score drift vs {acc['drift_from']} max {acc['max_rel_score_drift']:.2e} median {acc['median_rel_score_drift']:.2e}")

@@ -248,9 +248,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
-    from patchline.export.synthetic import generate
+    if args.real:
+        from patchline.export.real_photos import DEFAULT_PHOTOS, generate_real
 
-    root = generate(args.out, args.train, args.test_good, args.per_defect, args.size, args.seed)
+        try:
+            root = generate_real(args.out, args.photos.split(",") if args.photos else DEFAULT_PHOTOS, args.train,
+                                 args.test_good, args.per_defect, args.size, args.seed)
+        except (ModuleNotFoundError, ValueError) as exc:
+            raise SystemExit(f"patchline: {exc}") from exc
+    else:
+        from patchline.export.synthetic import generate
+
+        root = generate(args.out, args.train, args.test_good, args.per_defect, args.size, args.seed)
     print(f"sample data written to {root}")
 
 
@@ -301,12 +310,11 @@ def cmd_import_anomalib(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from patchline.runtime.bank_index import SEARCH_DIMS
     from patchline.runtime.bench import BenchOptions, format_table, run_bench
 
     options = BenchOptions(
         artifact=args.artifact, images=args.images, frames=args.frames, warmup=args.warmup, threads=args.threads,
-        variants=[v for v in args.variants.split(",") if v], model_file=args.model_file, dims=args.dims or SEARCH_DIMS, bank_size=args.bank_size,
+        variants=[v for v in args.variants.split(",") if v], model_file=args.model_file, dims=args.dims, bank_size=args.bank_size,
         random_bank=args.random_bank, graph_optimization=args.graph_opt, compare=args.compare,
         baseline_weights=args.baseline_weights, publish=args.publish, accuracy=args.accuracy, out_dir=args.out,
     )
@@ -314,11 +322,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from patchline.runtime.bank_index import add_index
+    from patchline.runtime.bank_index import add_index, held_out_frames
 
-    index = add_index(args.artifact)
+    held_out = held_out_frames(args.artifact, args.images) if args.images else None
+    index = add_index(args.artifact, held_out)
     print(json.dumps({"artifact": str(args.artifact), "projection_dims": index.basis.shape[1],
-                      "knn": list(index.knn.shape) if index.knn is not None else None}))
+                      "knn": list(index.knn.shape) if index.knn is not None else None,
+                      "search": index.choice.model_dump() if index.choice else None}))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -463,8 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("sample-data", help="generate the synthetic demo data set (MVTec layout)")
+    p = sub.add_parser("sample-data", help="generate the synthetic demo data set, or a real-photo one (MVTec layout)")
     p.add_argument("out", type=Path)
+    p.add_argument("--real", action="store_true",
+                   help="crops of real photographs (scikit-image's bundled ones) instead of the synthetic part")
+    p.add_argument("--photos", help="with --real: the photographs, comma separated (default: the 13 listed in "
+                                    "export/real_photos.py; brick, gravel and grass are refused)")
     p.add_argument("--train", type=int, default=40)
     p.add_argument("--test-good", type=int, default=10)
     p.add_argument("--per-defect", type=int, default=6)
@@ -491,10 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime and torch intra-op threads")
     p.add_argument("--variants", default="exact",
-                   help="comma list of plain, projected, exact, approximate; NAME:DIMS for other projected dims, "
+                   help="comma list of exact (the artifact's default search), pruned, projected, plain, approximate; "
+                        "NAME:DIMS for other projected dims, "
                         "NAME@MODEL_FILE for another model file")
     p.add_argument("--model-file", help="model file of the artifact for every variant, e.g. model.int8.onnx")
-    p.add_argument("--dims", type=int, default=None, help="projected dimensions of the bound search")
+    p.add_argument("--dims", type=int, default=None,
+                   help="projected dimensions of the pruned searches (default: the artifact's measured choice)")
     p.add_argument("--bank-size", type=int, help="subsample the bank to this many rows (or size of --random-bank)")
     p.add_argument("--random-bank", action="store_true", help="Gaussian bank rows with the bank's mean/std")
     p.add_argument("--graph-opt", choices=list(GRAPH_OPTIMIZATION), default="all",
@@ -506,8 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("index", help="add the bank search index to an artifact exported without one")
+    p = sub.add_parser("index", help="(re)build the bank search index and measure the default search on this machine")
     p.add_argument("artifact", type=Path)
+    p.add_argument("--images", type=Path,
+                   help="good images the model was not trained on, to measure with (default: held-out bank rows)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("run", help="the edge daemon: inspect a camera's frames and publish verdicts over MQTT")

@@ -166,6 +166,9 @@ class OnnxRuntimeEngine:
             raise ValueError(f"graph_optimization {graph_optimization!r}: one of {', '.join(GRAPH_OPTIMIZATION)}")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
         options.intra_op_num_threads = threads or available_cores()
+        # ONNX Runtime's workers spin after a run by default, and on a small box they take the cores from the
+        # nearest-row search that follows: stop them when the run returns (spinning within a run stays).
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         path = artifact.file(model_file or artifact.manifest.model.file)
         if not path.is_file():
             raise ArtifactError(f"{path}: no such model file in the artifact")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
-from patchline.runtime.bank_index import SEARCH_DIMS, read_index
+from patchline.runtime.bank_index import index_for_this_machine
 from patchline.runtime.config import TensorRtConfig
 from patchline.runtime.cuda_device import CudaDevice
 from patchline.runtime.distance import NonFiniteError
@@ -43,7 +43,10 @@ class Inspector:
 
     ``distance`` picks where patches meet the memory bank: "cpu" (numpy BLAS) or the CUDA
     kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16"). ``precision``
-    picks the artifact's fp32 model or its INT8 one (``patchline quantize``).
+    picks the artifact's fp32 model or its INT8 one (``patchline quantize``). ``search`` is the
+    CPU's nearest-row search: "auto" (what the artifact's measurement chose, measured again at load
+    when it was measured on another processor or core count), "pruned" or "plain"
+    (score.MemoryBank); ``search_dims`` overrides the pruned search's projected directions.
     """
 
     def __init__(
@@ -53,7 +56,8 @@ class Inspector:
         distance: str = "cpu",
         precision: str = "fp32",
         approximate: bool = False,
-        search_dims: int = SEARCH_DIMS,
+        search_dims: int | None = None,
+        search: str = "auto",
         threads: int | None = None,
         model_file: str | None = None,
         tensorrt: TensorRtConfig | None = None,
@@ -82,8 +86,9 @@ class Inspector:
                 engine_options[option] = value
         self.engine = create_engine(engine, self.artifact, **engine_options)
         self.checksum = self.artifact.checksum(self.model_file)  # the identity verdicts carry
-        self.bank = MemoryBank(self.artifact.bank, read_index(self.artifact), search_dims, approximate, threads,
-                               str(self.artifact.folder))
+        index = index_for_this_machine(self.artifact)
+        self.bank = MemoryBank(self.artifact.bank, index, search_dims, approximate, threads, str(self.artifact.folder),
+                               search)
         self.gpu_bank = None
         if distance != "cpu":
             from patchline.runtime.gpu_distance import GpuNearest

@@ -18,22 +18,29 @@ MAP_SIGMA = 4.0
 MAP_KERNEL = 2 * int(4.0 * MAP_SIGMA + 0.5) + 1  # 33, as anomalib's AnomalyMapGenerator
 
 
-class MemoryBank:
-    """The bank rows with their squared norms, and the search the artifact's index allows.
+SEARCHES = ("auto", "pruned", "plain")
 
-    With the index's projection the nearest-row search is ``ProjectedSearch`` on its leading
-    ``dims`` directions (exact unless ``approximate``); with its k-NN graph the reweighting
-    reads each row's neighbours instead of searching. Without them: the plain blocked search.
+
+class MemoryBank:
+    """The bank rows with their squared norms, and the nearest-row search to run on them.
+
+    ``search``: "auto" runs what the artifact's measurement chose (``BankIndex.choice``; the
+    plain search when nothing was measured), "pruned" the projection-bounded
+    ``ProjectedSearch`` on the index's leading ``dims`` directions (default: the measured
+    choice's, else SEARCH_DIMS), "plain" the blocked GEMM. Both give exact results;
+    ``approximate`` (opt-in) prunes without the check. With the index's k-NN graph the
+    reweighting reads each row's neighbours instead of searching.
     """
 
     def __init__(
         self,
         rows: np.ndarray,
         index: BankIndex | None = None,
-        dims: int = SEARCH_DIMS,
+        dims: int | None = None,
         approximate: bool = False,
         threads: int | None = None,
         source: str | None = None,
+        search: str = "auto",
     ) -> None:
         """``source`` names the artifact in errors."""
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
@@ -43,15 +50,20 @@ class MemoryBank:
         self.knn = index.knn
         self.search = None
         where = f"{source}: " if source else ""
-        if index.basis is not None:
+        if search not in SEARCHES:
+            raise ValueError(f"{where}search {search!r}: expected one of {', '.join(SEARCHES)}")
+        prune = approximate or search == "pruned" or (search == "auto" and index.prunes)
+        if prune and index.basis is None:
+            raise ValueError(f"{where}the {'approximate' if approximate else 'pruned'} search needs the bank projection, "
+                             f"which this artifact lacks; add it with `patchline index {source or 'ARTIFACT'}`")
+        if prune:
+            if dims is None:
+                dims = index.choice.dims if index.choice else SEARCH_DIMS
             if not 1 <= dims <= index.basis.shape[1]:
                 raise ValueError(f"{where}search dims {dims}: the bank projection has {index.basis.shape[1]} "
                                  f"directions; choose 1 to {index.basis.shape[1]}")
             basis = index.basis[:, :dims]
             self.search = ProjectedSearch(self.rows, self.sq_norms, index.mean, basis, approximate, threads)
-        elif approximate:
-            raise ValueError(f"{where}the approximate search needs the bank projection, which this artifact lacks; "
-                             f"add it with `patchline index {source or 'ARTIFACT'}`")
 
     def __len__(self) -> int:
         return self.rows.shape[0]

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic data set, a small exported artifact, a real broker.
+"""Shared fixtures: small synthetic and real-photo data sets, small artifacts exported from them, a real broker.
 
 The runtime's tests also run on Python 3.10 in a venv with only the runtime and test dependencies
 (`make test`, `.venv310`): there, PATCHLINE_RUNTIME_ONLY=1, modules that need torch or the calibration
@@ -114,6 +114,27 @@ def small_artifact(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     out = tmp_path_factory.mktemp("artifact")
     sets = [arg for override in SMALL_OVERRIDES for arg in ("--set", override)]
     patchline("export", "--images", str(sample_data), "--out", str(out), "--quiet", *sets, python=export_python())
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_photo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Crops of scikit-image's real photographs (`patchline sample-data --real`), one training crop per photograph,
+    made by the export Python (scikit-image is not a runtime dependency)."""
+    from patchline.export.real_photos import DEFAULT_PHOTOS
+
+    out = tmp_path_factory.mktemp("real") / "data"
+    patchline("sample-data", str(out), "--real", "--train", str(len(DEFAULT_PHOTOS)), "--test-good", "4",
+              "--per-defect", "2", "--size", "128", "--seed", "1", python=export_python())
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_photo_artifact(real_photo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small model exported from the real-photo data set, as small_artifact is from the synthetic one."""
+    out = tmp_path_factory.mktemp("real_artifact")
+    sets = [arg for override in SMALL_OVERRIDES for arg in ("--set", override)]
+    patchline("export", "--images", str(real_photo_data), "--out", str(out), "--quiet", *sets, python=export_python())
     return out
 
 

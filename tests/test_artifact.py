@@ -37,7 +37,7 @@ def test_checksum_names_the_model_file_that_runs_and_ignores_added_files(artifac
     model.doc_string = "another model file"
     onnx.save(model, str(artifact / "model.int8.onnx"))
     manifest = read_manifest(artifact)
-    write_manifest(artifact, manifest.model_copy(update={"extra_files": {"notes": "notes.txt",
+    write_manifest(artifact, manifest.model_copy(update={"extra_files": {**manifest.extra_files, "notes": "notes.txt",
                                                                           "int8_model": "model.int8.onnx"}}))
     loaded = load_artifact(artifact)
     assert loaded.checksum() == loaded.checksum("model.onnx") == before

@@ -15,7 +15,7 @@ def test_bench_writes_results_and_table(small_artifact, sample_data, mosquitto, 
     pytest.importorskip("torch")  # --compare runs eager torch: the export extra is not in the runtime-only venv
     out = tmp_path / "results"
     main(["bench", "--artifact", str(small_artifact), "--images", str(sample_data), "--frames", "3", "--warmup", "1",
-          "--variants", "plain,exact,approximate", "--threads", "2", "--compare", "--publish", f"127.0.0.1:{mosquitto.port}",
+          "--variants", "plain,exact,pruned,approximate", "--threads", "2", "--compare", "--publish", f"127.0.0.1:{mosquitto.port}",
           "--accuracy", str(sample_data), "--out", str(out)])
     table = capsys.readouterr().out
     files = list(out.glob("*.json"))
@@ -23,20 +23,32 @@ def test_bench_writes_results_and_table(small_artifact, sample_data, mosquitto, 
     results = json.loads(files[0].read_text())
     assert results["sgemm_gflops"] > 0 and results["peak_rss_mb"] > 0
     assert results["artifact"]["bank_rows"] == json.loads((small_artifact / "manifest.json").read_text())["memory_bank"]["shape"][0]
-    for name in ("plain", "exact", "approximate"):
+    choice = results["artifact"]["search"]  # the artifact's measured default, which `exact` runs
+    assert choice == json.loads((small_artifact / "manifest.json").read_text())["search"]
+    assert results["variants"]["exact"]["search"] == choice["method"]
+    assert [results["variants"][name]["search"] for name in ("plain", "pruned", "approximate")] == [
+        "plain", "pruned", "approximate"]
+    assert 0.0 <= results["variants"]["pruned"]["pruning_rate_median"] <= 1.0
+    assert results["variants"]["plain"]["pruning_rate_median"] is None
+    for name in ("plain", "exact", "pruned", "approximate"):
         stages = results["variants"][name]["stages"]
         assert set(stages) == {*STAGES, "total"}
         assert all(0 < s["median_ms"] <= s["p95_ms"] for s in stages.values())
         assert stages["distance"]["floor_ms"] > 0 and stages["backbone"]["floor_ms"] > 0
     baseline = results["baseline"]
     assert baseline["against"] == "exact" and baseline["speedup_median"] > 0
+    assert set(baseline["speedup_by_variant"]) == {"plain", "exact", "pruned", "approximate"}
+    # anomalib's own model where it is installed, else the in-project twin, and the table says which.
+    assert baseline["implementation"].startswith(("anomalib ", "in-project torch"))
+    assert (baseline["not_anomalib_because"] is None) == baseline["implementation"].startswith("anomalib ")
     # Same model, same frames: the torch twin agrees with the runtime up to float32 rounding.
     assert baseline["max_rel_score_diff"] < 1e-3
     accuracy = results["accuracy"]
     assert accuracy["exact"]["max_rel_score_drift"] == 0.0  # the reference column
-    assert accuracy["plain"]["max_rel_score_drift"] < 1e-3
+    assert accuracy["plain"]["max_rel_score_drift"] < 1e-3 and accuracy["pruned"]["max_rel_score_drift"] < 1e-3
     assert 0.0 <= accuracy["approximate"]["image_auroc"] <= 1.0
-    assert "distance" in table and "speed-up vs torch eager" in table and str(files[0]) in table
+    assert "distance" in table and "speed-up vs the baseline" in table and str(files[0]) in table
+    assert f"baseline: {baseline['implementation']}" in table
 
 
 def test_bench_with_random_bank_of_given_size(small_artifact, tmp_path, capsys):

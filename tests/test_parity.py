@@ -26,10 +26,14 @@ def torch_model(small_config):
     return model
 
 
+def spread_images(folder):
+    paths = list_images(folder / "test")
+    return [read_image(p) for p in paths[:: max(1, len(paths) // 6)]]
+
+
 @pytest.fixture(scope="module")
 def test_images(sample_data):
-    paths = list_images(sample_data / "test")
-    return [read_image(p) for p in paths[:: max(1, len(paths) // 6)]]
+    return spread_images(sample_data)
 
 
 def test_onnx_embedding_matches_torch(small_artifact, torch_model, test_images):
@@ -53,11 +57,17 @@ def test_reference_embedding_matches_export_module(torch_model, test_images, sma
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("data", ["synthetic", "real photos"])
+@pytest.mark.parametrize("search", ["pruned", "plain"])
 @pytest.mark.parametrize("num_neighbors", [1, 9])
-def test_runtime_scores_and_maps_match_torch_reference(small_artifact, torch_model, test_images, num_neighbors):
-    artifact = load_artifact(small_artifact)
+def test_runtime_scores_and_maps_match_torch_reference(request, torch_model, data, search, num_neighbors):
+    """Both nearest-row searches (whichever the artifact's measurement chose), on synthetic parts and real photographs."""
+    folder, images = ("small_artifact", "sample_data") if data == "synthetic" else ("real_photo_artifact", "real_photo_data")
+    test_images = spread_images(request.getfixturevalue(images))
+    artifact = load_artifact(request.getfixturevalue(folder))
     artifact.manifest = artifact.manifest.model_copy(update={"num_neighbors": num_neighbors})
-    inspector = Inspector(artifact, device="cpu")
+    inspector = Inspector(artifact, device="cpu", search=search)
+    assert (inspector.bank.search is None) == (search == "plain")
     bank = torch.from_numpy(artifact.bank)
     size = tuple(artifact.manifest.preprocess.image_size)
     batch = inspector.preprocess(test_images)
