@@ -48,6 +48,8 @@ class Combination:
     distance: str
     tolerance: float  # relative, on raw image scores
     options: dict[str, object]
+    # Needs only what every GPU path needs (pycuda, nvcc); the others may be absent on a box, as recorded
+    required: bool = False
 
 
 def combinations(cache_dir: Path) -> dict[str, Combination]:
@@ -57,8 +59,8 @@ def combinations(cache_dir: Path) -> dict[str, Combination]:
     # FP32 paths must agree with the CPU as the CPU agrees with anomalib; FP16 storage of the bank or of the
     # backbone's activations costs about 1e-3 relative; INT8 is reported, its flips are what matters.
     return {
-        "onnxruntime-cpu + cuda kernel fp32": Combination("onnxruntime", "cuda", 1e-4, {}),
-        "onnxruntime-cpu + cuda kernel fp16": Combination("onnxruntime", "cuda-fp16", 5e-3, {}),
+        "onnxruntime-cpu + cuda kernel fp32": Combination("onnxruntime", "cuda", 1e-4, {}, required=True),
+        "onnxruntime-cpu + cuda kernel fp16": Combination("onnxruntime", "cuda-fp16", 5e-3, {}, required=True),
         "tensorrt fp32 + cuda kernel fp32": Combination("tensorrt", "cuda", 1e-3, trt("fp32")),
         "tensorrt fp16 + cuda kernel fp32": Combination("tensorrt", "cuda", 2e-2, trt("fp16")),
         "tensorrt int8 + cuda kernel fp32": Combination("tensorrt", "cuda", float("inf"), trt("int8")),
@@ -187,16 +189,19 @@ def run_check(artifact_dir: str | Path, images: str | Path, out_dir: str | Path,
     _run_part(report, "tests", lambda: gpu_tests(out_dir / "gpu-tests.xml"))
     _run_part(report, "bench_gpu", lambda: run_benchmark(artifact_dir, repeats=repeats, batch=4,
                                                          settings=TensorRtConfig(cache_dir=str(cache_dir))))
-    report["passed"] = verdict(report)
+    report["passed"] = verdict(report, cache_dir)
     return report, write_result("gpu-check", report, out_dir)
 
 
-def verdict(report: dict[str, object]) -> bool:
-    """True when at least one GPU combination ran, and everything that ran passed."""
-    if "error" in report["parity"]:
+def verdict(report: dict[str, object], cache_dir: Path) -> bool:
+    """True when every required combination ran and passed, every other that ran passed, and the tests passed."""
+    parity = report["parity"]
+    if "error" in parity:
         return False
-    ran = [v for v in report["parity"].values() if isinstance(v, dict) and "passed" in v]
-    return bool(ran) and all(v["passed"] for v in ran) and report.get("tests", {}).get("passed", False)
+    required = [name for name, combo in combinations(cache_dir).items() if combo.required]
+    ran = [v for v in parity.values() if isinstance(v, dict) and "passed" in v]
+    return (all("passed" in parity[name] for name in required) and all(v["passed"] for v in ran)
+            and report.get("tests", {}).get("passed", False))
 
 
 def summary(report: dict[str, object]) -> str:

@@ -33,6 +33,22 @@ def test_compare_fails_closed_on_non_finite_scores() -> None:
     assert result["passed"] is False
 
 
+def test_verdict_needs_the_kernel_combinations_and_every_part_that_ran(tmp_path) -> None:
+    """A kernel combination that crashed fails the check; a TensorRT one whose library is absent does not."""
+    from patchline.runtime.gpu_check import verdict
+
+    ok = {"passed": True}
+    parity = {"threshold": 1.0, "cpu_scores": [], "onnxruntime-cpu + cuda kernel fp32": ok,
+              "onnxruntime-cpu + cuda kernel fp16": ok, "tensorrt fp16 + cuda kernel fp32": {"error": "no tensorrt"}}
+    report = {"parity": parity, "tests": {"passed": True}}
+    assert verdict(report, tmp_path) is True
+    assert verdict({**report, "tests": {"passed": False}}, tmp_path) is False
+    crashed = {**parity, "onnxruntime-cpu + cuda kernel fp16": {"error": "CompileError"}}
+    assert verdict({**report, "parity": crashed}, tmp_path) is False
+    off = {**parity, "tensorrt fp16 + cuda kernel fp32": {"passed": False}}
+    assert verdict({**report, "parity": off}, tmp_path) is False
+
+
 @pytest.mark.skipif(gpu_unavailable_reason() is None, reason="a GPU is present: `make gpu-check` runs the real check")
 def test_gpu_check_without_a_gpu_writes_a_failed_report(small_artifact, sample_data, tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "patchline.runtime.cli", "gpu-check", "--artifact",
