@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +155,6 @@ def gpu_tests(junit: Path) -> dict[str, object]:
     # Skip reasons (-rs) go to the log; the counts come from the JUnit file, which pytest always writes.
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                            f"--junitxml={junit}", *GPU_TESTS], cwd=REPO, capture_output=True, text=True, timeout=420)
-    import xml.etree.ElementTree as ET
-
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     cases = []

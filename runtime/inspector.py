@@ -122,7 +122,7 @@ class Inspector:
         t1 = clock()
         embeddings = self.engine(batch)
         t2 = clock()
-        # An FP16 engine that overflows gives inf/NaN; the distance kernel would make 0 of NaN (a perfect match).
+        # An FP16 engine that overflows gives inf/NaN: refused here, naming the engine, before any search sees it.
         require_finite(embeddings, f"the {self.engine.name} engine's patch embeddings")
         count, h, w, dim = embeddings.shape
         patches = embeddings.reshape(count, h * w, dim)
