@@ -354,12 +354,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             daemon.shutdown()
         log.error("cannot start: %s", str(exc) or type(exc).__name__)
         sys.exit(EXIT_CONFIG)
-    try:
-        code = daemon.run()
-    except SourceConfigError as exc:  # e.g. an appsink of the pipeline delivers a pixel format we cannot convert
-        log.error("source: %s", exc)
-        code = EXIT_CONFIG
-    sys.exit(code)
+    sys.exit(daemon.run())
 
 
 def build_parser() -> argparse.ArgumentParser:

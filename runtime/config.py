@@ -6,7 +6,9 @@ start instead of silently falling back to a default.
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -167,12 +169,46 @@ class Config(Section):
     tensorrt: TensorRtConfig = TensorRtConfig()
 
 
-def _format_errors(source: str, error: ValidationError) -> str:
-    lines = [f"{source}: invalid configuration"]
+def _format_errors(source: str, error: ValidationError, model: type[BaseModel]) -> str:
+    """All problems on one line (one journal entry), each led by its key as written in the YAML."""
+    problems = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {key}: {item['msg']}")
-    return "\n".join(lines)
+        path, known = _walk(model, item["loc"])
+        key = ".".join(path) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(path[-1], known, n=1)
+            message = "unknown key" + (f", did you mean {close[0]}?" if close else
+                                       f" (known here: {', '.join(known)})" if known else "")
+        problems.append(f"{key}: {message}")
+    return f"{source}: invalid configuration: {'; '.join(problems)}"
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[list[str], list[str]]:
+    """``loc`` without pydantic's tagged-union member names (``source.folder.path`` is ``source.path`` in the
+    YAML), and the keys of the section holding its last part ([] where that cannot be told)."""
+    path: list[str] = []
+    node: Any = model
+    parts = [str(part) for part in loc]
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        fields = node.model_fields if isinstance(node, type) and issubclass(node, BaseModel) else {}
+        if not parts:
+            return path, list(fields)
+        field = fields.get(part)
+        members = _models(field.annotation) if field is not None else []
+        if len(members) > 1 and parts:
+            tag = parts.pop(0)
+            members = [m for m in members if tag in typing.get_args(m.model_fields["kind"].annotation)]
+        node = members[0] if len(members) == 1 else None
+    return path, []
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models(arg)]
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -237,7 +273,7 @@ def _validate(source: str, data: dict[str, Any], overrides: list[str], model: ty
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc)) from None
+        raise ConfigError(_format_errors(source, exc, model)) from None
 
 
 class TlsConfig(Section):

@@ -34,7 +34,7 @@ from patchline.runtime.gpu_preflight import preflight
 from patchline.runtime.inspector import Inspection, Inspector
 from patchline.runtime.metrics import Metrics, MetricsServer
 from patchline.runtime.mqtt import MqttSink, Trigger
-from patchline.runtime.sources import EndOfStream, Frame, open_source
+from patchline.runtime.sources import EndOfStream, Frame, SourceConfigError, open_source
 from patchline.runtime.systemd import Notifier
 from patchline.runtime.triggers import TriggeredFrames
 from patchline.runtime.verdict import SeqCounter, make_verdict
@@ -43,6 +43,7 @@ log = logging.getLogger("patchline.daemon")
 
 EXIT_OK = 0
 EXIT_CONFIG = 78  # sysexits' EX_CONFIG: a restart cannot help; the unit says RestartPreventExitStatus=78
+EXIT_CRASH = 70  # sysexits' EX_SOFTWARE: a bug; systemd restarts the unit (Restart=on-failure)
 READ_TIMEOUT_S = 0.5  # the longest the loop waits for a frame before it checks stop, triggers, watchdog
 STATUS_INTERVAL_S = 5.0
 FLUSH_TIMEOUT_S = 5.0
@@ -104,11 +105,22 @@ class Daemon:
         log.info("engine warm in %.2f s; waiting for the first frame", time.perf_counter() - started)
 
     def run(self) -> int:
-        """The frame loop, until stopped (signal, end of a file source); then shut down. Returns the exit code."""
+        """The frame loop, until stopped (signal, end of a file source); then shut down. Returns the exit code.
+
+        Only a stop on request or the end of a file source is a clean stop (availability "stopped"); the loop
+        ending on an error or a crash says "offline", as the will would, and the exit code tells systemd which.
+        """
         try:
-            return self._loop()
-        finally:
-            self.shutdown()
+            code = self._loop()
+        except SourceConfigError as exc:  # e.g. the pipeline's appsink delivers a pixel format we cannot convert
+            log.error("source: %s; exiting", exc)
+            code = EXIT_CONFIG
+        except Exception as exc:
+            log.critical("crashed: %s: %s; exiting with %d for systemd to restart the service", type(exc).__name__,
+                         exc, EXIT_CRASH, exc_info=True)
+            code = EXIT_CRASH
+        self.shutdown("stopped" if code == EXIT_OK else "offline")
+        return code
 
     def _loop(self) -> int:
         if self.frames is not None:
@@ -141,8 +153,8 @@ class Daemon:
         log.info("stop requested")
         return EXIT_OK
 
-    def shutdown(self) -> None:
-        """Answer waiting triggers, write queued evidence, flush verdicts, publish ``stopped``."""
+    def shutdown(self, availability: str = "offline") -> None:
+        """Answer waiting triggers, write queued evidence, flush verdicts, announce ``availability`` (retained)."""
         self.notifier.stopping("stopping: flushing verdicts")
         for waiting in self.frames.stop() if self.frames is not None else []:
             self._trigger_error(waiting.trigger, "stopping", "the daemon is stopping; trigger not inspected")
@@ -151,12 +163,12 @@ class Daemon:
         if self.evidence is not None:
             self.evidence.close()
         self.publisher.release(NOT_WRITTEN)  # verdicts whose evidence the writer did not get to
-        self.sink.stop(FLUSH_TIMEOUT_S)
+        self.sink.stop(FLUSH_TIMEOUT_S, availability)
         self.seq.close()
         c, counts = self.source.counters, self.metrics.verdicts
-        log.info("ran %.0f s: %d frames, %d OK + %d NG verdicts, %d without a verdict (errors), %d skipped, %d lost, "
+        log.info("%s after %.0f s: %d frames, %d OK + %d NG verdicts, %d without a verdict (errors), %d skipped, %d lost, "
                  "%d corrupt, %d stalls, %d source reconnects, %d MQTT reconnects, %d verdicts dropped",
-                 time.monotonic() - self.metrics.started, c.frames, counts["OK"], counts["NG"],
+                 "stopped" if availability == "stopped" else "ended", time.monotonic() - self.metrics.started, c.frames, counts["OK"], counts["NG"],
                  sum(self.metrics.inspection_errors.values()), c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
                  self.sink.reconnects, self.sink.dropped)
         if self.server is not None:
@@ -208,12 +220,12 @@ class Daemon:
             part_id=trigger.part_id if trigger else None,
             evidence_error=DISABLED if ng and self.evidence is None else None,
         )
+        self.metrics.inspected(inspection.timings_ms["total"] / 1000.0, decision.verdict)  # before a subscriber sees it
         if ng and self.evidence is not None:
             self.evidence.submit(seq, frame.captured, frame.image, inspection.anomaly_map,
                                  self.publisher.hold(verdict, trigger))
         else:
             self.publisher.publish(verdict, trigger)
-        self.metrics.inspected(inspection.timings_ms["total"] / 1000.0, decision.verdict)
         log.debug("seq %d %s score %.4f frame %d %s", seq, decision.verdict, decision.score, frame.index, frame.origin)
         return verdict
 
@@ -253,6 +265,7 @@ class Daemon:
 
     def _heartbeat(self) -> None:
         self.notifier.watchdog()
+        self.disk.flush()
         now = time.monotonic()
         if now - self._last_status >= STATUS_INTERVAL_S:
             self._last_status = now

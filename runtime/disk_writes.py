@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-import time
+
+from patchline.runtime.throttled_log import ThrottledLog
 
 log = logging.getLogger("patchline.disk")
 LOG_INTERVAL_S = 10.0
@@ -25,8 +26,7 @@ class DiskWrites:
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], int] = {}
         self._failing: dict[str, int] = {}  # what → failures since its last successful write
-        self._last_log: dict[str, float] = {}
-        self._folded: dict[str, int] = {}
+        self._logs: dict[str, ThrottledLog] = {}
 
     @property
     def counts(self) -> dict[tuple[str, str], int]:
@@ -36,24 +36,25 @@ class DiskWrites:
     def failed(self, what: str, target: object, exc: OSError, consequence: str) -> None:
         """Record a failed write of ``what`` (to ``target``, a path) and log it, throttled per ``what``."""
         error = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
-        now = time.monotonic()
         with self._lock:
             self._counts[what, error] = self._counts.get((what, error), 0) + 1
             self._failing[what] = self._failing.get(what, 0) + 1
-            if now - self._last_log.get(what, -float("inf")) < LOG_INTERVAL_S:
-                self._folded[what] = self._folded.get(what, 0) + 1
-                return
-            folded, self._folded[what] = self._folded.get(what, 0), 0
-            self._last_log[what] = now
-        extra = f" (and {folded} more in the last {LOG_INTERVAL_S:.0f} s)" if folded else ""
-        log.error("disk: cannot write %s %s: %s; %s%s", what.replace("_", " "), target, exc.strerror or exc,
-                  consequence, extra)
+            throttled = self._logs.setdefault(what, ThrottledLog(log, LOG_INTERVAL_S, logging.ERROR))
+        throttled(f"disk: cannot write {what.replace('_', ' ')} {target}: {exc.strerror or exc}; {consequence}")
+
+    def flush(self) -> None:
+        """Log the failures folded in since the last line (called from the frame loop)."""
+        with self._lock:
+            logs = list(self._logs.values())
+        for throttled in logs:
+            throttled.flush()
 
     def succeeded(self, what: str) -> None:
         """A write of ``what`` worked: say so once if writes of that kind were failing."""
         with self._lock:
             failures = self._failing.pop(what, 0)
-            self._last_log.pop(what, None)
-            self._folded.pop(what, None)
+            throttled = self._logs.get(what)
         if failures:
+            throttled.flush(force=True)  # what was folded in comes before the news that it is over
+            throttled.reset()
             log.warning("disk: writes of the %s work again (after %d failed)", what.replace("_", " "), failures)

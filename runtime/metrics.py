@@ -99,6 +99,10 @@ class _Collected(Collector):
             "patchline_source_stalls": ("Times the source delivered no frame within its timeout", c.stalls),
             "patchline_source_reconnects": ("Times the source was reopened after a failure", c.reconnects),
             "patchline_mqtt_reconnects": ("Successful broker connections after the first", self.sink.reconnects),
+            "patchline_mqtt_delivered": ("Verdicts the broker acknowledged (every message of each), including ones "
+                                         "an earlier run left in the spool", self.sink.delivered),
+            "patchline_mqtt_recovered": ("Verdicts an earlier run left in the spool, found at start",
+                                         self.sink.recovered),
             "patchline_mqtt_dropped": ("Verdicts that will never be delivered (overflow, age, refused)",
                                        self.sink.dropped),
         }
@@ -107,7 +111,9 @@ class _Collected(Collector):
             family.add_metric([camera], value)
             yield family
         by_label = {
-            "patchline_verdicts": ("Verdicts published, by result", "result", self.metrics.verdicts),
+            "patchline_verdicts": ("Verdicts made, by result (each handed to MQTT the moment it is counted; "
+                                   "made + recovered = delivered + dropped + queue depth)", "result",
+                                   self.metrics.verdicts),
             "patchline_trigger_errors": ("Triggers answered on the error topic, by reason", "reason",
                                          self.metrics.trigger_errors),
             "patchline_inspection_errors": ("Frames that got no verdict, reported on the error topic, by reason",

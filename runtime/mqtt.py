@@ -7,7 +7,8 @@ Topics, all under ``<topic_prefix>/<camera>/`` (see ``Topics``):
     verdict/seq        retained, published right after the JSON in this order — ``verdict/state``
     verdict/score      comes last, so a PLC that sees it has already received that verdict's
     verdict/state      part_id/seq/score ("" part_id in continuous mode; score as in the JSON)
-    available          "online" (every connect) / "stopped" (clean exit) / "offline" (the will), retained, QoS 1
+    available          retained, QoS 1: "online" (every connect); "stopped" (stopped on request, or a file source
+                       ended); "offline" (the will, or the daemon ended on an error or a crash)
     trigger            subscribed: {"part_id": "..."} or a plain string; MQTT v5 ResponseTopic and
                        CorrelationData are kept, and the verdict answering it is also published to the
                        ResponseTopic with the CorrelationData; a retained trigger (the broker replays it
@@ -20,7 +21,7 @@ Contract for the daemon::
     sink.start()                        # MqttError: unusable config (TLS files, credential); connects in background
     sink.publish_verdict(verdict, trigger)   # never blocks: queued, spooled, delivered in order
     if sink.fatal_error: exit non-zero  # e.g. the broker refused the credentials; no retries follow
-    sink.stop(flush_timeout=5.0)        # deliver what is queued, publish "stopped", disconnect
+    sink.stop(flush_timeout=5.0, availability="stopped")   # deliver what is queued, announce, disconnect
 
 Delivery: every verdict goes through one ordered queue, bounded by ``queue_max_count`` and
 ``queue_max_age_s`` (the oldest waiting verdicts are dropped, counted in ``dropped`` and logged),
@@ -243,9 +244,11 @@ class MqttSink:
         self._connected = False
         self._closing = False
         self._stopping = False
+        self._final = "online"  # what a connection announces on `available`: stop() changes it
         self._kick = False  # connected: hand over what waited for the broker now, not at the next tick
         self._fatal: str | None = None
         self._failing = False  # a connection attempt failed and was logged; quiet until the next success
+        self._recovered = 0
         self._counts = {"delivered": 0, "overflow": 0, "expired": 0, "rejected": 0, "corrupt": 0}
         self._last_drop_log = 0.0
         self._client: paho.Client | None = None
@@ -278,6 +281,11 @@ class MqttSink:
     def drops(self) -> dict[str, int]:
         """``dropped`` by cause: overflow, expired, rejected, corrupt."""
         return {k: v for k, v in self._counts.items() if k != "delivered"}
+
+    @property
+    def recovered(self) -> int:
+        """Verdicts of an earlier run found in the spool at start (delivered first)."""
+        return self._recovered
 
     @property
     def reconnects(self) -> int:
@@ -343,6 +351,7 @@ class MqttSink:
             except (KeyError, TypeError, ValueError) as exc:
                 self._spool.set_aside(key, f"has an unexpected layout ({exc!r})")
                 self._counts["corrupt"] += 1
+        self._recovered = len(self._pending)
         if records:
             log.info("MQTT: %d verdict(s) of a previous run found in %s: delivering them first",
                      len(self._pending), self.spool_dir)
@@ -362,26 +371,33 @@ class MqttSink:
             self._cond.wait_for(lambda: self._connected or self._fatal is not None, timeout)
             return self._connected
 
-    def stop(self, flush_timeout: float = 5.0) -> None:
-        """Deliver what is queued (up to ``flush_timeout`` s), publish ``stopped``, disconnect.
+    def stop(self, flush_timeout: float = 5.0, availability: str = "stopped") -> None:
+        """Deliver what is queued, publish ``availability`` (retained), disconnect; within ``flush_timeout`` s.
 
-        Whatever is not acknowledged by then stays in the spool for the next start.
+        ``availability`` is "stopped" for a stop the operator asked for and "offline" (what the will says) when
+        the daemon ends because something went wrong. A broker that is away gets the whole ``flush_timeout`` to
+        come back; a connection made meanwhile announces ``availability``, not "online", so the broker never
+        keeps an "online" from a daemon that is gone. Whatever is not acknowledged stays in the spool.
         """
         if self._client is None or self._stopping:
             return
         deadline = time.monotonic() + flush_timeout
         with self._cond:
             self._closing = True
+            self._final = availability
             self._cond.notify_all()
-            self._cond.wait_for(lambda: (not self._inbox and not self._pending) or self._fatal is not None,
-                                max(0.0, deadline - time.monotonic()))
+            self._cond.wait_for(lambda: (self._connected and not self._inbox and not self._pending)
+                                or self._fatal is not None, max(0.0, deadline - time.monotonic()))
+            connected = self._connected
         client = self._client
-        if self._connected:
-            info = client.publish(self.topics.available, "stopped", qos=1, retain=True)
+        announced = False
+        if connected:
+            info = client.publish(self.topics.available, availability, qos=1, retain=True)
             try:
                 info.wait_for_publish(max(1.0, deadline - time.monotonic()))
+                announced = info.is_published()
             except (RuntimeError, ValueError) as exc:
-                log.warning("MQTT: could not publish 'stopped': %s", exc)
+                log.warning("MQTT: could not publish %r: %s", availability, exc)
         client.disconnect()
         client.loop_stop()
         with self._cond:
@@ -393,11 +409,14 @@ class MqttSink:
                 log.error("MQTT: the sender thread did not end within %.0f s; stopping without it",
                           SENDER_JOIN_TIMEOUT_S)
         left = len(self._pending)
-        if left:
-            log.warning("MQTT: stopped with %d undelivered verdict(s) kept in %s for the next start",
-                        left, self.spool_dir)
+        delivered = (f"{left} undelivered verdict(s) kept in {self.spool_dir} for the next start" if left
+                     else "all verdicts delivered")
+        if announced:
+            log.info("MQTT: disconnected; %s; availability %r published", delivered, availability)
         else:
-            log.info("MQTT: stopped, all verdicts delivered")
+            log.warning("MQTT: disconnected; %s; broker %s:%d unreachable, availability %r not published: it shows "
+                        "'offline' (the will) once it notices the lost connection", delivered, self.config.host,
+                        self.config.port, availability)
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -585,9 +604,12 @@ class MqttSink:
             else:
                 log.warning("MQTT: broker %s:%d refused the connection: %s (retrying)", cfg.host, cfg.port, reason)
             return
-        client.subscribe(self.topics.trigger, qos=1)
-        client.publish(self.topics.available, "online", qos=1, retain=True)
         with self._cond:
+            # Under the lock that stop() takes to choose the last word: a connection completing while the daemon
+            # stops announces that word (and takes no more triggers), never an "online" left behind.
+            if not self._closing:
+                client.subscribe(self.topics.trigger, qos=1)
+            client.publish(self.topics.available, self._final, qos=1, retain=True)
             self._link += 1
             self._connected = True
             self._failing = False

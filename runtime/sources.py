@@ -31,11 +31,15 @@ from patchline.runtime.config import (
 from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.image_header import HeaderError, image_size
 from patchline.runtime.inspected_files import InspectedFiles
+from patchline.runtime.throttled_log import ThrottledLog
 from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, decode_image, to_rgb8
 
 log = logging.getLogger("patchline.source")
 HEADER_BYTES = 1 << 18  # of an encoded frame, read for its header: a JPEG's SOF may follow 64 kB of EXIF and ICC
 
+RELIST_S = 5.0
+CLOCK_SLACK_S = 1.0
+CORRUPT_LOG_INTERVAL_S = 10.0  # a stream of garbage logs a line this often, naming what it folded in
 
 class SourceConfigError(ValueError):
     """A source that can never work as configured (bad pipeline, missing plugin, ROI outside the frame)."""
@@ -50,7 +54,11 @@ class EndOfStream(Exception):
 
 
 class CorruptFrame(Exception):
-    """A frame arrived but cannot be used; it is counted and skipped."""
+    """A frame arrived but cannot be used; it is counted and skipped. ``subject`` names it (a file) for the log."""
+
+    def __init__(self, reason: str, subject: str | None = None) -> None:
+        super().__init__(reason)
+        self.subject = subject
 
 
 @dataclass(frozen=True)
@@ -92,25 +100,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class Throttled:
-    """Log a repeating warning at most once per ``interval`` seconds, with how many were folded in."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last = -float("inf")
-        self._folded = 0
-
-    def warning(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._folded += 1
-            return
-        extra = f" (and {self._folded} more like it in the last {self.interval:.0f} s)" if self._folded else ""
-        self.logger.warning("%s%s", message, extra)
-        self._last, self._folded = now, 0
-
-
 def crop(image: np.ndarray, roi: RoiConfig | None) -> np.ndarray:
     """The region of interest; CorruptFrame when the frame does not contain it (one odd file must not stop a line)."""
     if roi is None:
@@ -143,7 +132,7 @@ class FrameSource:
         self._failures = 0
         self._since = 0.0  # when the source opened or last delivered a frame
         self._flowing = False  # a frame arrived since the last open
-        self._corrupt_log = Throttled(log)
+        self._corrupt_log = ThrottledLog(log, CORRUPT_LOG_INTERVAL_S)
 
     @property
     def last_frame_age(self) -> float | None:
@@ -194,6 +183,8 @@ class FrameSource:
                 self._fail(str(exc))
                 return None
             log.info("source %s: opened", self.description)
+        self._corrupt_log.flush()
+        raw = None
         try:
             raw = self.backend.pull(timeout)
             if raw is None:
@@ -201,7 +192,7 @@ class FrameSource:
                 return None
             image = self._usable(raw.image)
         except CorruptFrame as exc:
-            return self._corrupt(str(exc))
+            return self._corrupt(str(exc), exc.subject or (raw.origin if raw is not None else None))
         except EndOfStream:
             return self._ended()
         except SourceError as exc:
@@ -226,9 +217,9 @@ class FrameSource:
                                "pixels")
         return crop(image, self.config.roi)
 
-    def _corrupt(self, reason: str) -> None:
+    def _corrupt(self, reason: str, subject: str | None = None) -> None:
         self.counters.corrupt += 1
-        self._corrupt_log.warning(f"source {self.description}: corrupt frame skipped: {reason}")
+        self._corrupt_log(f"source {self.description}: corrupt frame skipped: {reason}", subject)
         self._watchdog()  # a stream of nothing but garbage is a stall too
         return None
 
@@ -302,7 +293,7 @@ class GStreamerBackend:
         self._arrivals: deque[int] = deque(maxlen=256)  # PTS of buffers that reached the appsink, not yet read
         self._last_pts: int | None = None
         self._refused = 0  # buffers dropped by _check_header since the last one reached the appsink
-        self._header_log = Throttled(log)
+        self._header_log = ThrottledLog(log, CORRUPT_LOG_INTERVAL_S)
         self._lock = threading.Lock()
         self._build().set_state(self.Gst.State.NULL)  # fail at start, not at the first reconnect
         if not (self.sink.get_property("drop") and self.sink.get_property("max-buffers") == 1):
@@ -376,7 +367,7 @@ class GStreamerBackend:
         with self._lock:
             self.counters.corrupt += 1
             self._refused += 1
-        self._header_log.warning(f"source {self.description}: corrupt frame skipped: its {kind} header declares "
+        self._header_log(f"source {self.description}: corrupt frame skipped: its {kind} header declares "
                                  f"{width}x{height} pixels, more than source.max_pixels ({self.max_pixels})")
         return self.Gst.PadProbeReturn.DROP
 
@@ -397,6 +388,7 @@ class GStreamerBackend:
 
     def pull(self, timeout: float) -> RawFrame | None:
         Gst = self.Gst
+        self._header_log.flush()
         error = self._bus_error()
         if error:
             raise SourceError(error)
@@ -616,38 +608,65 @@ class FolderBackend:
         self._seen = InspectedFiles(self.root, memory, disk or DiskWrites())
         self._pending: dict[str, tuple[int, float]] = {}  # name → (size, mtime) at the last poll
         self._unusable: set[str] = set()  # entries skipped (and counted) while they stay as they are
+        self._listed_mtime: int | None = None  # the folder's mtime (ns) at the last listing
+        self._listed_at = -float("inf")  # monotonic time of that listing
+        self._listed_trusted = False
 
     def open(self) -> None:
         if not self.root.is_dir():
             raise SourceError(f"{self.root}: not a folder")
 
     def _ready(self) -> list[tuple[float, str]]:
-        present: dict[str, tuple[int, float]] = {}
-        unusable: set[str] = set()
-        with os.scandir(self.root) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
-                    continue
-                try:
-                    info = entry.stat()  # follows a symlink
-                except FileNotFoundError:
-                    continue  # gone since it was listed
-                except OSError as exc:
-                    unusable.add(name)
-                    self._skip(name, exc.strerror or str(exc))
-                    continue
-                if not stat.S_ISREG(info.st_mode):
-                    unusable.add(name)
-                    self._skip(name, "not a regular file")
-                    continue
-                present[name] = (info.st_size, info.st_mtime)
-        self._unusable = unusable
-        self._seen.keep_only(present.keys())
-        ready = [(mtime, name) for name, (size, mtime) in present.items()
-                 if name not in self._seen and self._pending.get(name) == (size, mtime)]
-        self._pending = {name: info for name, info in present.items() if name not in self._seen}
+        """Files not yet inspected whose size and mtime held still since the last poll, oldest first.
+
+        An idle poll of a folder that keeps thousands of inspected files costs one stat of the folder: while its
+        mtime (which every create, rename and delete updates) stays as it was at a listing, only the files still
+        settling are looked at again. The mtime is trusted only when older than that listing by CLOCK_SLACK_S
+        (a file system's coarse clock can give a later change the same mtime), and the folder is listed again
+        at least every RELIST_S whatever it says (remote file systems).
+        """
+        folder = os.stat(self.root).st_mtime_ns
+        now = time.monotonic()
+        if folder == self._listed_mtime and self._listed_trusted and now - self._listed_at < RELIST_S:
+            candidates = {name: info for name in self._pending if (info := self._stat(name)) is not None}
+        else:
+            self._listed_trusted = folder < time.time_ns() - CLOCK_SLACK_S * 1e9
+            candidates = self._list()
+            self._listed_mtime, self._listed_at = folder, now
+        ready = [(mtime, name) for name, (size, mtime) in candidates.items() if self._pending.get(name) == (size, mtime)]
+        self._pending = candidates
         return sorted(ready)
+
+    def _list(self) -> dict[str, tuple[int, float]]:
+        """(size, mtime) of the folder's image files not yet inspected; forgets names no longer there."""
+        names = {name for name in os.listdir(self.root)
+                 if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)}
+        self._seen.keep_only(names)
+        candidates: dict[str, tuple[int, float]] = {}
+        unusable: set[str] = set()
+        for name in names - self._seen.names:  # set arithmetic: inspected files cost nothing more
+            try:
+                info = os.stat(self.root / name)  # follows a symlink
+            except FileNotFoundError:
+                continue  # gone since it was listed
+            except OSError as exc:
+                unusable.add(name)
+                self._skip(name, exc.strerror or str(exc))
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                unusable.add(name)
+                self._skip(name, "not a regular file")
+                continue
+            candidates[name] = (info.st_size, info.st_mtime)
+        self._unusable = unusable
+        return candidates
+
+    def _stat(self, name: str) -> tuple[int, float] | None:
+        try:
+            info = os.stat(self.root / name)
+        except OSError:
+            return None  # gone or changed into something unusable: the next listing tells
+        return info.st_size, info.st_mtime
 
     def _skip(self, name: str, reason: str) -> None:
         if name not in self._unusable:
@@ -685,8 +704,9 @@ class FolderBackend:
                 path.unlink(missing_ok=True)
         try:
             image = decode_image(data, path, self.config.max_pixels)
-        except ImageError as exc:
-            raise CorruptFrame(str(exc)) from None
+        except Exception as exc:  # ImageError, or whatever else a decoder raises: this file only
+            raise CorruptFrame(str(exc) if isinstance(exc, ImageError) else f"{path}: {type(exc).__name__}: {exc}",
+                               name) from None
         age = max(0.0, time.time() - mtime)
         return RawFrame(image, time.monotonic() - age, name)
 

@@ -72,7 +72,7 @@ def test_bad_config_and_artifact_refuse_with_a_clear_message(tmp_path, sample_da
     bad.write_text("scoring:\n  neighbours: 3\n")
     result = patchline("export", "--config", str(bad), "--images", str(sample_data), "--out", str(tmp_path / "o"),
                        check=False)
-    assert result.returncode != 0 and "scoring.neighbours: Extra inputs are not permitted" in result.stderr
+    assert result.returncode != 0 and "scoring.neighbours: unknown key" in result.stderr
     result = patchline("score", "--artifact", str(tmp_path), str(bad), check=False)
     assert result.returncode != 0 and "missing manifest.json" in result.stderr
 

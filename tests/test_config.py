@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from patchline.runtime.config import ConfigError, load_config
+from patchline.runtime.config import ConfigError, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,8 +22,24 @@ def test_unknown_key_names_file_and_key(tmp_path):
     path.write_text("model:\n  backbon: resnet18\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(path) in str(err.value) and "model.backbon" in str(err.value)
-    assert "Extra inputs are not permitted" in str(err.value)
+    assert str(err.value) == f"{path}: invalid configuration: model.backbon: unknown key, did you mean backbone?"
+
+
+def test_every_problem_on_one_line_with_keys_as_written(tmp_path):
+    """One journal line per refusal; a source's key without pydantic's union member name; the known keys when no
+    name is close."""
+    path = tmp_path / "line.yaml"
+    path.write_text("camera: cam1\nartifact: /a\nmqtt: {hots: broker}\nthreads: 0\nzzz: 1\n"
+                    "source: {kind: folder, path: /tmp, pol_interval_s: 1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, model=RunConfig)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"{path}: invalid configuration: ")
+    problems = set(text.split(": invalid configuration: ")[1].split("; "))
+    assert problems == {"mqtt.hots: unknown key, did you mean host?",
+                        "source.pol_interval_s: unknown key, did you mean poll_interval_s?",
+                        "threads: Input should be greater than or equal to 1",
+                        f"zzz: unknown key (known here: {', '.join(RunConfig.model_fields)})"}
 
 
 def test_bad_value_names_key_and_reason(tmp_path):
@@ -90,5 +106,5 @@ def test_run_config_refuses_values_that_would_fail_later(tmp_path):
         load_config(run_yaml(tmp_path, "threshold: -1\n"), model=RunConfig)
     path = run_yaml(tmp_path, "").read_text().replace("path: /tmp}", "path: /tmp, reconnect_min_s: 60}")
     (tmp_path / "line.yaml").write_text(path)
-    with pytest.raises(ConfigError, match=r"source.folder.*reconnect_min_s \(60\) is larger than reconnect_max_s \(30\)"):
+    with pytest.raises(ConfigError, match=r"source: .*reconnect_min_s \(60\) is larger than reconnect_max_s \(30\)"):
         load_config(tmp_path / "line.yaml", model=RunConfig)

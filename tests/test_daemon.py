@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 
 from patchline.runtime.artifact import ArtifactError, read_manifest, write_manifest
 from patchline.runtime.config import ConfigError, RunConfig, load_config
-from patchline.runtime.daemon import EXIT_CONFIG, Daemon
+from patchline.runtime.daemon import EXIT_CONFIG, EXIT_CRASH, Daemon
 from patchline.runtime.decision import Calibration
 from patchline.runtime.evidence import EvidenceStore
 from patchline.runtime.inspector import Inspector
@@ -338,6 +338,43 @@ def test_images_dropped_into_a_folder_get_verdicts_on_the_broker(tmp_path, mosqu
     verdicts = subscriber.verdicts()
     assert [(v["seq"], v["verdict"]) for v in verdicts] == [(1, "OK"), (2, "NG")]
     assert [m.payload for m in subscriber.on("available")][-1] == b"stopped"
+
+
+def test_a_crash_is_not_a_clean_stop(tmp_path, mosquitto, subscriber, calibrated_artifact):
+    """A bug in the frame path (injected: the second frame's inspection raises) ends the daemon with EX_SOFTWARE for
+    systemd to restart it, the traceback in the journal, the verdicts made so far delivered, and the retained
+    availability "offline" (what the will says), never the clean stop's "stopped"."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = run_config(tmp_path, calibrated_artifact, mosquitto.port,
+                        {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.1})
+    crash_on_second_frame = (  # a bug cannot be provoked from outside: it is put in, in the daemon's process
+        "import sys\n"
+        "from patchline.runtime import cli, inspector\n"
+        "real = inspector.Inspector.inspect\n"
+        "calls = []\n"
+        "def inspect(self, image):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3:  # the warm-up, the first frame, the second\n"
+        "        raise ZeroDivisionError('injected bug')\n"
+        "    return real(self, image)\n"
+        "inspector.Inspector.inspect = inspect\n"
+        "cli.main(['run', '--config', sys.argv[1]])\n")
+    daemon = subprocess.Popen([sys.executable, "-c", crash_on_second_frame, str(config)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    for count in (1, 2):
+        cv2.imwrite(str(tmp_path / "part.png"), good_part(300 + count)[..., ::-1])
+        os.replace(tmp_path / "part.png", inbox / f"{count}.png")
+        if count == 1:
+            subscriber.wait_for(lambda: len(subscriber.verdicts()) == 1, timeout=90)
+    code, output = finish(daemon)
+    assert code == EXIT_CRASH, output
+    assert "CRITICAL patchline.daemon: crashed: ZeroDivisionError: injected bug" in output
+    assert "Traceback" in output and "all verdicts delivered; availability 'offline' published" in output
+    assert "'stopped'" not in output
+    assert [v["seq"] for v in subscriber.verdicts()] == [1]
+    subscriber.wait_for(lambda: subscriber.on("available")[-1].payload == b"offline")
+    assert [m.payload for m in subscriber.on("available")] == [b"online", b"offline"]
 
 
 def test_refuses_to_start_without_calibration_or_threshold(tmp_path, small_artifact):

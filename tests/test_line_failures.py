@@ -246,3 +246,58 @@ def test_each_trigger_is_answered_with_the_first_frame_captured_after_it_however
     assert captured == sorted(captured) and captured[-1] - captured[0] >= 0.2 - 1e-6
     error = json.loads(subscriber.on("error")[0].payload)
     assert (error["error"], error["part_id"]) == ("no_frame", "AFTER")
+
+
+def test_broker_outage_metrics_account_for_every_verdict(tmp_path, calibrated_artifact):
+    """Verdicts made during a broker outage are queued, then delivered when it is back; at every scrape the
+    metrics add up (made + recovered = delivered + dropped + queue depth), and once delivered they agree with
+    what a subscriber received."""
+    from tests.broker import Mosquitto
+    from tests.test_mqtt import Listener
+
+    broker = Mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {tmp_path}/\n")
+    broker.start()
+    listener = Listener(broker.port, [f"patchline/{CAMERA}/verdict"], "3.1.1", client_id="outage-test",
+                        persistent=True)  # its session outlives the broker's restart: it misses nothing
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    port = free_port()
+    config = run_config(tmp_path, calibrated_artifact, broker.port,
+                        {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05}, metrics={"port": port})
+    process = start_daemon(config)
+    metric = 'patchline_{}{{camera="%s"}}'.replace("%s", CAMERA).format
+
+    def made() -> float:
+        values = scrape(port)
+        return sum(v for k, v in values.items() if k.startswith("patchline_verdicts_total"))
+
+    def balanced(values: dict[str, float]) -> bool:
+        return made() + values[metric("mqtt_recovered_total")] == (
+            values[metric("mqtt_delivered_total")] + values[metric("mqtt_dropped_total")]
+            + values[metric("mqtt_queue_depth")])
+
+    try:
+        wait_until(process, lambda: scrape(port), what="metrics")
+        for i in range(3):
+            drop(inbox, f"a{i}.png", good_part(400 + i))
+        wait_until(process, lambda: scrape(port).get(metric("mqtt_delivered_total")) == 3, what="3 delivered")
+        broker.stop()
+        for i in range(3):
+            drop(inbox, f"b{i}.png", good_part(410 + i))
+        wait_until(process, lambda: made() == 6, what="6 verdicts made")
+        values = scrape(port)
+        assert values[metric("mqtt_queue_depth")] == 3 and values[metric("mqtt_connected")] == 0
+        assert balanced(values)
+        broker.start()
+        wait_until(process, lambda: scrape(port).get(metric("mqtt_delivered_total")) == 6, timeout=90,
+                   what="the queued verdicts delivered")
+        values = scrape(port)
+        assert balanced(values) and values[metric("mqtt_queue_depth")] == 0 and values[metric("mqtt_dropped_total")] == 0
+        assert listener.wait(lambda ms: len({json.loads(m.payload)["seq"] for m in ms}) == 6, timeout=30)
+        assert sorted({json.loads(p)["seq"] for p in listener.on(f"patchline/{CAMERA}/verdict")}) == list(range(1, 7))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, 30)
+        listener.close()
+        broker.stop()
+    assert code == 0, output

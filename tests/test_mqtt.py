@@ -240,6 +240,52 @@ def test_will_publishes_offline_when_the_process_is_killed(mosquitto: Mosquitto,
     listener.close()
 
 
+def retained_availability(port: int) -> bytes | None:
+    """What a PLC connecting now is told on `available` (None: nothing retained)."""
+    late = Listener(port, [TOPICS.available])
+    late.wait(lambda ms: bool(ms), timeout=1.0)
+    late.close()
+    return late.messages[0].payload if late.messages else None
+
+
+def test_a_stop_while_the_broker_is_away_never_leaves_online_behind(tmp_path: Path, open_sinks, caplog) -> None:
+    """A broker that keeps retained messages (Debian's default: persistence) is stopped, then the sink. Away for
+    the whole stop, it is told nothing and shows the will ("offline") when back; back within the stop's flush
+    window, the reconnection announces "stopped" and delivers what was queued, and no "online" is left behind."""
+    broker = Mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {tmp_path}/\n")
+    broker.start()
+    try:
+        sink = start_sink(open_sinks, broker.port, tmp_path / "state")
+        assert sink.wait_connected(5)
+        broker.stop()
+        with caplog.at_level(logging.INFO, logger="patchline.runtime.mqtt"):
+            sink.stop(flush_timeout=1.0)
+        assert "availability 'stopped' not published" in caplog.text
+        broker.start()
+        assert retained_availability(broker.port) == b"offline"
+
+        sink = start_sink(open_sinks, broker.port, tmp_path / "state")
+        assert sink.wait_connected(5)
+        listener = Listener(broker.port, [TOPICS.available, TOPICS.verdict], "3.1.1", client_id="away-test",
+                            persistent=True)
+        broker.stop()
+        sink.publish_verdict(sample_verdict(1))  # queued while the broker is away
+        stopping = threading.Thread(target=sink.stop, kwargs={"flush_timeout": 15.0})
+        stopping.start()
+        time.sleep(0.5)
+        broker.start()  # back while the sink is stopping
+        stopping.join(20)
+        assert not stopping.is_alive()
+        assert retained_availability(broker.port) == b"stopped"
+        assert listener.wait(lambda ms: any(m.topic == TOPICS.verdict for m in ms))
+        assert listener.verdict_seqs() == [1]
+        assert b"online" not in listener.on(TOPICS.available)[1:]  # after the first connection: never again
+        assert sink.delivered == 1 and not list(sink.spool_dir.iterdir())
+        listener.close()
+    finally:
+        broker.stop()
+
+
 def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, open_sinks) -> None:
     # Persistence keeps the test subscriber's session across the restart, so it cannot miss what the
     # sink publishes before the subscriber itself reconnects.

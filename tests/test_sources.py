@@ -15,6 +15,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from patchline.runtime.config import SourceConfig
+from patchline.runtime import sources
 from patchline.runtime.sources import (EndOfStream, SourceConfigError, open_source, opencv_has_gstreamer,
                                        reconnect_delay)
 from tests.broker import free_port
@@ -149,9 +150,11 @@ def test_roi_crops_and_a_frame_that_does_not_contain_it_is_skipped(tmp_path):
     assert frame.origin == "y.png" and src.counters.frames == 2 and src.counters.reconnects == 0
 
 
-def test_folder_source_takes_hostile_files_and_symlink_loops_in_its_stride(tmp_path, caplog):
-    """Every file of the hostile corpus becomes a frame or is counted corrupt; entries that cannot be stat'ed or
+def test_folder_source_takes_hostile_files_and_symlink_loops_in_its_stride(tmp_path, caplog, monkeypatch):
+    """Every file of the hostile corpus becomes a frame or is counted corrupt, and each corrupt one is named in the
+    log however many come at once (the lines are throttled, not the names); entries that cannot be stat'ed or
     opened (a symlink loop, a folder named like an image, no read permission) are skipped, counted and named."""
+    monkeypatch.setattr(sources, "CORRUPT_LOG_INTERVAL_S", 0.5)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     rgb = np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8)
@@ -172,6 +175,12 @@ def test_folder_source_takes_hostile_files_and_symlink_loops_in_its_stride(tmp_p
     assert all(f.image.shape == (96, 128, 3) and f.image.dtype == np.uint8 for f in got)
     assert src.counters.corrupt == len(files) - len(usable)
     assert src.counters.unreadable == 4 and src.counters.reconnects == 0
+    time.sleep(0.5)
+    src.read(0.1)  # what the throttle folded in is logged, by name, once its interval has passed
+    corrupt_lines = "\n".join(r.getMessage() for r in caplog.records if "corrupt frame skipped" in r.getMessage())
+    assert len(caplog.records) < len(files)
+    for name in set(files) - set(usable):
+        assert name in corrupt_lines, name
     skipped = {r.getMessage() for r in caplog.records if "skipping" in r.getMessage()}
     for name, reason in [("loop.png", "Too many levels of symbolic links"), ("ping.png", "symbolic links"),
                          ("pong.png", "symbolic links"), ("folder.png", "not a regular file")]:
@@ -346,3 +355,37 @@ def test_opencv_live_reader_closes_and_reopens_cleanly(tmp_path):
         src.close()
         assert not [t for t in threading.enumerate() if t.name == "opencv-reader"]
     assert src.counters.frames == 5
+
+
+def test_folder_poll_lists_the_folder_only_when_it_changed_and_relists_every_few_seconds(tmp_path, monkeypatch):
+    """An idle poll of a folder of inspected files looks at the folder's mtime only; a change of the folder is
+    seen at the next poll; a file that arrives without changing the folder's mtime (a remote file system, a coarse
+    clock: put back here with os.utime) is found by the listing the source makes every RELIST_S anyway."""
+    monkeypatch.setattr(sources, "RELIST_S", 3.0)
+    monkeypatch.setattr(sources, "CLOCK_SLACK_S", 0.2)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    image = cv2.imencode(".png", np.full((40, 60, 3), 128, np.uint8))[1].tobytes()
+    (inbox / "a.png").write_bytes(image)
+    time.sleep(0.3)  # older than the clock slack: the folder's mtime will be trusted
+    src = source(kind="folder", path=str(inbox), poll_interval_s=0.05)
+
+    def next_frame(timeout: float):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (frame := src.read(0.1)) is not None:
+                return frame
+        return None
+
+    assert next_frame(2).origin == "a.png"
+    (inbox / "b.png").write_bytes(image)  # the folder changes: found at once
+    assert next_frame(2).origin == "b.png"
+    time.sleep(0.3)
+    assert next_frame(0.3) is None  # trusted and idle now
+    before = os.stat(inbox)
+    (inbox / "c.png").write_bytes(image)
+    os.utime(inbox, ns=(before.st_atime_ns, before.st_mtime_ns))  # the folder says nothing changed
+    started = time.monotonic()
+    assert next_frame(1.0) is None  # idle polls do not list
+    frame = next_frame(5)
+    assert frame is not None and frame.origin == "c.png" and time.monotonic() - started < 5
