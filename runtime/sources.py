@@ -628,7 +628,8 @@ class FolderBackend:
         folder = os.stat(self.root).st_mtime_ns
         now = time.monotonic()
         if folder == self._listed_mtime and self._listed_trusted and now - self._listed_at < RELIST_S:
-            candidates = {name: info for name in self._pending if (info := self._stat(name)) is not None}
+            candidates = {name: info for name in self._pending
+                          if name not in self._seen and (info := self._stat(name)) is not None}
         else:
             self._listed_trusted = folder < time.time_ns() - CLOCK_SLACK_S * 1e9
             candidates = self._list()
