@@ -2,7 +2,7 @@
 
     python bench/daemon_overhead.py [--demo demo] [--frames 40]
 
-Runs the daemon's frame path (``Daemon.source.read`` + ``Daemon.process``, the code the frame
+Runs a camera's frame path (``Camera.source.read`` + ``Camera.process``, the code its frame
 loop runs) on the demo video (``make demo`` writes demo/line.avi and demo/artifact) and on the
 same frames scaled to 1280x720, through GStreamer ``filesrc ! decodebin`` into an appsink that
 keeps every frame (sync=false, no drop), with a real mosquitto on loopback and NG evidence off.
@@ -11,7 +11,8 @@ Per frame it records:
 - ``read``: ``source.read`` → an RGB frame: appsink pull, stride removal, colour conversion, and any
   wait for the decoder, which runs on GStreamer's streaming thread in parallel;
 - ``preprocess``: resize + normalisation (the Inspector's own timing);
-- ``post``: decide + seq counter + make_verdict + ``publish_verdict`` + metrics (``process`` minus
+- ``post``: the hand-over to the shared model's batch thread and back, decide + seq counter + make_verdict +
+  ``publish_verdict`` + metrics (``process`` minus
   the Inspector's total);
 - ``overhead`` = read + preprocess + post, next to ``model`` = backbone + distance + score;
 - ``decode_only_ms``: a second pass that only reads frames: the decoder + conversion rate alone.
@@ -64,9 +65,11 @@ def config(video: Path, artifact: Path, port: int, state: Path, threads: int | N
 
 
 def measure(cfg: RunConfig, frames: int) -> dict:
-    daemon = Daemon(cfg)
-    daemon.start()
-    assert daemon.sink.wait_connected(10), "bench: no broker connection"
+    daemon = Daemon(cfg.as_line())
+    camera = daemon.cameras[0]  # its loop is not started: the bench runs the loop's steps itself, timed
+    camera.connect()
+    camera.model.inspector.warm_up()
+    assert camera.sink.wait_connected(10), "bench: no broker connection"
     rows = []
     frame_size = None
     clock = time.perf_counter
@@ -74,14 +77,14 @@ def measure(cfg: RunConfig, frames: int) -> dict:
         while len(rows) < frames + 1:
             t0 = clock()
             try:
-                frame = daemon.source.read(5.0)
+                frame = camera.source.read(5.0)
             except EndOfStream:
                 break
             t1 = clock()
             if frame is None:
                 continue
             frame_size = list(frame.image.shape[1::-1])
-            verdict = daemon.process(frame)
+            verdict = camera.process(frame)
             t2 = clock()
             lat = verdict["latency_ms"]
             read = (t1 - t0) * 1000

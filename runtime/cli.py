@@ -334,7 +334,7 @@ def cmd_index(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     import signal
 
-    from patchline.runtime.config import RunConfig, load_config
+    from patchline.runtime.config import load_line_config
     from patchline.runtime.daemon import EXIT_CONFIG, Daemon
     from patchline.runtime.mqtt import MqttError
     from patchline.runtime.sources import SourceConfigError
@@ -344,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     # compiling, the model not fitting in (device) memory.
     daemon = None
     try:
-        daemon = Daemon(load_config(args.config, args.set, model=RunConfig))
+        daemon = Daemon(load_line_config(args.config, args.set))
         signal.signal(signal.SIGTERM, daemon.request_stop)
         signal.signal(signal.SIGINT, daemon.request_stop)
         daemon.start()

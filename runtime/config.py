@@ -231,10 +231,12 @@ FILE_RELATIVE_PATHS = (("tensorrt", "calibration_cache"), ("tensorrt", "cache_di
 
 
 def _relative_to_file(data: dict[str, Any], folder: Path) -> None:
-    for section, key in FILE_RELATIVE_PATHS:
-        values = data.get(section)
-        if isinstance(values, dict) and isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
-            values[key] = str(folder / values[key])
+    cameras = data.get("cameras")
+    for node in [data, *(cameras if isinstance(cameras, list) else [])]:
+        for section, key in FILE_RELATIVE_PATHS:
+            values = node.get(section) if isinstance(node, dict) else None
+            if isinstance(values, dict) and isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+                values[key] = str(folder / values[key])
 
 
 def _read_yaml(path: str | Path | None) -> dict[str, Any]:
@@ -424,8 +426,8 @@ class RunTensorRtConfig(TensorRtConfig):
         return value or service_cache_directory()
 
 
-class RunConfig(Section):
-    """``patchline run``: one camera, one artifact, verdicts to one broker."""
+class CameraConfig(Section):
+    """One camera: where its frames come from, the model that judges them, how it decides."""
 
     camera: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used in MQTT topics and file names
     artifact: str
@@ -439,9 +441,69 @@ class RunConfig(Section):
     mode: Literal["continuous", "trigger"] = "continuous"
     source: SourceConfig
     trigger: TriggerConfig = TriggerConfig()
-    mqtt: MqttConfig = MqttConfig()
-    metrics: MetricsConfig = MetricsConfig()
     evidence: EvidenceConfig = EvidenceConfig()
     # engine: tensorrt (build, cache); `patchline engine --config` this file builds the engine the service loads
     tensorrt: RunTensorRtConfig = Field(default_factory=RunTensorRtConfig)
+
+    def model_key(self) -> tuple:
+        """Cameras with equal keys share one loaded model (engine and bank) and their frames are batched together."""
+        return (str(Path(self.artifact).resolve()), self.engine, self.device, self.threads, self.precision,
+                self.distance, self.tensorrt)
+
+
+class BatchingConfig(Section):
+    """How frames of cameras that share a model are gathered into one inference."""
+
+    max_batch: int = Field(8, ge=1)  # also capped by a TensorRT engine's profile
+    # The longest the first frame of a batch waits for others; a trigger never waits longer than this for a batch.
+    max_wait_ms: float = Field(5.0, ge=0)
+
+
+class LineConfig(Section):
+    """``patchline run`` for a line: several cameras in one process, one broker, one metrics port."""
+
+    line: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the process's name, e.g. the systemd instance
+    cameras: list[CameraConfig] = Field(min_length=1)
+    batching: BatchingConfig = BatchingConfig()
+    mqtt: MqttConfig = MqttConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    # seq counters, MQTT spools and the folder sources' memories, one file each per camera; evidence/<camera>/
+    state_dir: str = Field(default_factory=_state_directory)
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_names(cls, cameras: list[CameraConfig]) -> list[CameraConfig]:
+        names = [c.camera for c in cameras]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"camera names must be unique (their topics, seq counters and spools would mix): "
+                             f"{', '.join(repeated)}")
+        return cameras
+
+    @model_validator(mode="after")
+    def _one_client_id_per_connection(self) -> LineConfig:
+        if self.mqtt.client_id is not None and len(self.cameras) > 1:
+            raise ValueError("mqtt.client_id names one connection, and each camera has its own (its will, its "
+                             "topics): leave it out, each camera connects as patchline-<camera>")
+        return self
+
+
+class RunConfig(CameraConfig):
+    """``patchline run`` for one camera: the camera's settings and the broker, metrics and state beside them."""
+
+    mqtt: MqttConfig = MqttConfig()
+    metrics: MetricsConfig = MetricsConfig()
     state_dir: str = Field(default_factory=_state_directory)  # seq counter, MQTT spool, evidence
+
+    def as_line(self) -> LineConfig:
+        camera = CameraConfig(**{name: getattr(self, name) for name in CameraConfig.model_fields})
+        return LineConfig(line=self.camera, cameras=[camera], mqtt=self.mqtt, metrics=self.metrics,
+                          state_dir=self.state_dir)
+
+
+def load_line_config(path: str | Path, overrides: list[str] = ()) -> LineConfig:
+    """A run config: a line (``cameras:``) or one camera (``camera:``, made a line of one)."""
+    data = _read_yaml(path)
+    if "cameras" in data:
+        return _validate(str(path), data, overrides, LineConfig)
+    return _validate(str(path), data, overrides, RunConfig).as_line()

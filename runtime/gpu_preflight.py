@@ -14,7 +14,7 @@ import grp
 import os
 from pathlib import Path
 
-from patchline.runtime.config import ConfigError, RunConfig
+from patchline.runtime.config import CameraConfig, ConfigError
 from patchline.runtime.cuda_device import device_index
 
 DROP_IN = "systemctl edit patchline@<camera>"
@@ -28,7 +28,7 @@ class GpuDeviceError(ConfigError):
     """The GPU the run config asks for cannot be opened from this process; a restart does not change that."""
 
 
-def needs_gpu(config: RunConfig) -> bool:
+def needs_gpu(config: CameraConfig) -> bool:
     """Whether the run config cannot run without a GPU (``device: auto`` falls back to the CPU)."""
     return config.engine == "tensorrt" or config.distance != "cpu" or config.device == "cuda"
 
@@ -68,7 +68,7 @@ def check_gpu_nodes(index: int, dev: Path = Path("/dev")) -> None:
             raise GpuDeviceError(f"GPU {index} cannot be used from this process: {problem}")
 
 
-def preflight(config: RunConfig, dev: Path = Path("/dev")) -> None:
+def preflight(config: CameraConfig, dev: Path = Path("/dev")) -> None:
     """The daemon's GPU check at start, for a run config that needs the GPU."""
     if needs_gpu(config):
         # The CUDA distance kernel beside a CPU backbone runs on GPU 0 (inspector.py).

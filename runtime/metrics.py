@@ -51,21 +51,25 @@ class Rate:
             return (len(self._times) - 1) / max(now - self._times[0], 1e-9)
 
 
+def inference_histogram(registry: CollectorRegistry) -> Histogram:
+    """The one inference-time histogram of a line's registry; each camera observes its own ``camera=`` child."""
+    return Histogram("patchline_inference_seconds", "Time to score one frame (preprocess to score; a batch's time "
+                     "for each of its frames)", ["camera"], buckets=LATENCY_BUCKETS, registry=registry)
+
+
 class Metrics:
-    """All metrics of one camera's daemon, in a registry of its own."""
+    """All metrics of one camera (labels ``camera=``); a line's ``LineCollector`` serves them with the others'."""
 
     def __init__(self, camera: str, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None,
-                 disk: DiskWrites) -> None:
+                 disk: DiskWrites, inference: Histogram) -> None:
         self.camera = camera
         self.started = time.monotonic()
         self.fps = Rate()
         self.verdicts = {"OK": 0, "NG": 0}
         self.trigger_errors: dict[str, int] = {}
         self.inspection_errors: dict[str, int] = {}
-        self.registry = CollectorRegistry()
-        self.inference = Histogram("patchline_inference_seconds", "Time to score one frame (preprocess to score)",
-                                   ["camera"], buckets=LATENCY_BUCKETS, registry=self.registry).labels(camera)
-        self.registry.register(_Collected(self, source, sink, evidence, disk))
+        self.inference = inference.labels(camera)
+        self.collected = _Collected(self, source, sink, evidence, disk)
 
     def inspected(self, seconds: float, verdict: str) -> None:
         self.fps.tick()
@@ -148,6 +152,32 @@ class _Collected(Collector):
             family = GaugeMetricFamily(name, text, labels=["camera"])
             family.add_metric([camera], value)
             yield family
+
+
+class LineCollector(Collector):
+    """The line's one collector: the cameras' families merged by name (one family, a sample per camera), since
+    an exposition must not name a family twice."""
+
+    def __init__(self, cameras: list[Metrics], models: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        self.cameras = cameras
+        self.models = models  # model name → (batches, frames) inspected so far, read at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        for name, text, index in (("patchline_model_batches", "Inferences run by each shared model", 0),
+                                  ("patchline_model_frames", "Frames inspected by each shared model (frames per "
+                                   "batch = frames / batches)", 1)):
+            family = CounterMetricFamily(name, text, labels=["model"])
+            for model, counts in self.models().items():
+                family.add_metric([model], counts[index])
+            yield family
+        families: dict[str, Metric] = {}
+        for camera in self.cameras:
+            for family in camera.collected.collect():
+                if family.name in families:
+                    families[family.name].samples.extend(family.samples)
+                else:
+                    families[family.name] = family
+        yield from families.values()
 
 
 class _Quiet(WSGIRequestHandler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -133,6 +135,19 @@ def start_daemon(config: Path, env: dict | None = None) -> subprocess.Popen:
                             text=True)
 
 
+@contextlib.contextmanager
+def running(config: Path, timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+    """The daemon as a process for the block, then stopped as systemd stops it (SIGTERM); it must exit 0. Its
+    output is then ``process.output``."""
+    process = start_daemon(config)
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, process.output = finish(process, timeout)
+    assert code == 0, process.output
+
+
 def finish(process: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str]:
     try:
         output, _ = process.communicate(timeout=timeout)
@@ -182,7 +197,8 @@ def test_video_with_known_defects_gives_the_right_verdicts_on_the_broker(tmp_pat
     assert [float(m.payload) for m in subscriber.on("verdict/score")] == [v["score"] for v in verdicts]
     assert {m.payload for m in subscriber.on("verdict/part_id")} == {b""}
     assert [m.payload for m in subscriber.on("available")] == [b"online", b"stopped"]
-    assert "source ended; stopping" in output and output.count(" INFO ") < 40  # events, not a line per frame
+    assert "camera cam1: source ended" in output and "every camera ended; stopping" in output
+    assert output.count(" INFO ") < 40  # events, not a line per frame
 
 
 @needs_gstreamer
@@ -336,7 +352,7 @@ def test_images_dropped_into_a_folder_get_verdicts_on_the_broker(tmp_path, mosqu
     code, output = finish(daemon)
     assert code == 0, output
     verdicts = subscriber.verdicts()
-    assert [(v["seq"], v["verdict"]) for v in verdicts] == [(1, "OK"), (2, "NG")]
+    assert [(v["seq"], v["verdict"]) for v in verdicts] == [(1, "OK"), (2, "NG")], output
     assert [m.payload for m in subscriber.on("available")][-1] == b"stopped"
 
 
@@ -351,14 +367,14 @@ def test_a_crash_is_not_a_clean_stop(tmp_path, mosquitto, subscriber, calibrated
     crash_on_second_frame = (  # a bug cannot be provoked from outside: it is put in, in the daemon's process
         "import sys\n"
         "from patchline.runtime import cli, inspector\n"
-        "real = inspector.Inspector.inspect\n"
+        "real = inspector.Inspector.inspect_batch\n"
         "calls = []\n"
-        "def inspect(self, image):\n"
+        "def inspect_batch(self, images):\n"
         "    calls.append(1)\n"
         "    if len(calls) == 3:  # the warm-up, the first frame, the second\n"
         "        raise ZeroDivisionError('injected bug')\n"
-        "    return real(self, image)\n"
-        "inspector.Inspector.inspect = inspect\n"
+        "    return real(self, images)\n"
+        "inspector.Inspector.inspect_batch = inspect_batch\n"
         "cli.main(['run', '--config', sys.argv[1]])\n")
     daemon = subprocess.Popen([sys.executable, "-c", crash_on_second_frame, str(config)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -369,7 +385,7 @@ def test_a_crash_is_not_a_clean_stop(tmp_path, mosquitto, subscriber, calibrated
             subscriber.wait_for(lambda: len(subscriber.verdicts()) == 1, timeout=90)
     code, output = finish(daemon)
     assert code == EXIT_CRASH, output
-    assert "CRITICAL patchline.daemon: crashed: ZeroDivisionError: injected bug" in output
+    assert "CRITICAL patchline.camera: camera cam1 crashed: ZeroDivisionError: injected bug" in output
     assert "Traceback" in output and "all verdicts delivered; availability 'offline' published" in output
     assert "'stopped'" not in output
     assert [v["seq"] for v in subscriber.verdicts()] == [1]
@@ -381,7 +397,7 @@ def test_refuses_to_start_without_calibration_or_threshold(tmp_path, small_artif
     config = RunConfig.model_validate({"camera": CAMERA, "artifact": str(small_artifact), "state_dir": str(tmp_path),
                                        "source": {"kind": "folder", "path": str(tmp_path)}})
     with pytest.raises(ConfigError, match="not calibrated"):
-        Daemon(config)
+        Daemon(config.as_line())
 
 
 def test_evidence_keeps_the_newest_folders_within_the_quota(tmp_path):
@@ -447,7 +463,7 @@ def test_refuses_int8_when_the_artifact_has_no_int8_model(tmp_path, small_artifa
                                        "threshold": 1.0, "precision": "int8",
                                        "source": {"kind": "folder", "path": str(tmp_path)}})
     with pytest.raises(ArtifactError, match="no INT8 model; create one with `patchline quantize`"):
-        Daemon(config)
+        Daemon(config.as_line())
 
 
 @needs_gstreamer
