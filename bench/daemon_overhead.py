@@ -68,7 +68,7 @@ def measure(cfg: RunConfig, frames: int) -> dict:
     daemon = Daemon(cfg.as_line())
     camera = daemon.cameras[0]  # its loop is not started: the bench runs the loop's steps itself, timed
     camera.connect()
-    camera.model.inspector.warm_up()
+    camera.model.current.inspector.warm_up()
     assert camera.sink.wait_connected(10), "bench: no broker connection"
     rows = []
     frame_size = None

@@ -30,12 +30,15 @@ from patchline.runtime.artifact import (
     PreprocessInfo,
     TrainingInfo,
     now_iso,
+    read_manifest,
     write_manifest,
 )
 from patchline.runtime.bank_index import HeldOut, build_index, held_out_images, write_index
 from patchline.runtime.config import Config
 from patchline.runtime.decision import Calibration
 from patchline.runtime.preprocess import ImageError, Preprocessor, iter_images, list_images, training_root
+from patchline.runtime.self_test import IMAGES as SELF_TEST_IMAGES
+from patchline.runtime.self_test import add_self_test
 
 log = logging.getLogger("patchline.export")
 
@@ -172,7 +175,7 @@ def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path,
 
     label = backbone_label(config.model)
     pretrain_dim, target_dim = config.model.embed_dimensions() or (None, None)
-    return write_artifact(
+    write_artifact(
         Path(out_dir),
         module,
         bank,
@@ -199,3 +202,7 @@ def export_artifact(config: Config, images_dir: str | Path, out_dir: str | Path,
         tolerance=config.export.tolerance,
         held_out=held_out_images(rows, selected, grid[0] * grid[1]),
     )
+    # Spread over the training set: what a new model loaded beside a running one must score the same.
+    step = max(1, len(images) // SELF_TEST_IMAGES)
+    add_self_test(out_dir, images[::step][:SELF_TEST_IMAGES])
+    return read_manifest(out_dir)

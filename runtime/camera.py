@@ -23,8 +23,7 @@ from pathlib import Path
 
 from prometheus_client import Histogram
 
-from patchline.runtime.artifact import Artifact
-from patchline.runtime.batching import SharedModel
+from patchline.runtime.batching import LoadedModel, SharedModel
 from patchline.runtime.config import CameraConfig, LineConfig
 from patchline.runtime.decision import decide
 from patchline.runtime.disk_writes import DiskWrites
@@ -48,13 +47,11 @@ EXIT_CRASH = 70  # sysexits' EX_SOFTWARE: a bug; systemd restarts the unit (Rest
 class Camera:
     """One camera's pipeline; ``start()`` runs it on its own thread until ``stop()`` or its source ends."""
 
-    def __init__(self, config: CameraConfig, line: LineConfig, model: SharedModel, artifact: Artifact,
-                 evidence_dir: Path, inference: Histogram) -> None:
+    def __init__(self, config: CameraConfig, line: LineConfig, model: SharedModel, evidence_dir: Path,
+                 inference: Histogram) -> None:
         self.config = config
         self.name = config.camera
         self.model = model
-        self.artifact = artifact
-        self.calibration = artifact.manifest.calibration
         roi = config.source.roi
         self.roi_offset = (roi.x, roi.y) if roi else (0, 0)
         state = Path(line.state_dir)
@@ -75,14 +72,15 @@ class Camera:
         self.closed = False  # shutdown() done: verdicts flushed, availability announced
         self.alive_at = time.monotonic()  # the loop's last turn, for the line's watchdog
         self._thread: threading.Thread | None = None
-        self._last: tuple[Frame, Inspection] | None = None  # triggers answered by one frame share its inspection
+        self._last: tuple[Frame, Inspection, LoadedModel] | None = None  # a burst of triggers shares one frame
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def describe(self) -> str:
+        manifest = self.model.current.artifact.manifest
         threshold = (f"threshold {self.config.threshold} (config)" if self.config.threshold is not None
-                     else f"calibrated threshold {self.calibration.image_threshold:.6g}")
-        return (f"camera {self.name}: model {self.artifact.manifest.model_id}, {threshold}, {self.config.mode} mode, "
+                     else f"calibrated threshold {manifest.calibration.image_threshold:.6g}")
+        return (f"camera {self.name}: model {manifest.model_id}, {threshold}, {self.config.mode} mode, "
                 f"source {self.source.description}")
 
     def connect(self) -> None:
@@ -176,8 +174,8 @@ class Camera:
         instead), or a seq that could not be recorded (nothing is published, rather than risk a repeated seq)."""
         started = time.monotonic()
         try:
-            inspection = self._inspect(frame, urgent=trigger is not None)
-            decision = decide(inspection.score, self.calibration, self.config.threshold)
+            inspection, model = self._inspect(frame, urgent=trigger is not None)
+            decision = decide(inspection.score, model.artifact.manifest.calibration, self.config.threshold)
         except NonFiniteError as exc:
             log.warning("camera %s frame %d: %s", self.name, frame.index, exc)
             self.metrics.inspection_error("non_finite_score")
@@ -203,7 +201,7 @@ class Camera:
         verdict = make_verdict(
             camera=self.name, seq=seq, timestamp=frame.captured, frame_age_s=done - frame.monotonic,
             decision=decision, location=(x + self.roi_offset[0], y + self.roi_offset[1]), latency_ms=latency,
-            model_id=self.artifact.manifest.model_id, artifact_checksum=self.model.inspector.checksum,
+            model_id=model.artifact.manifest.model_id, artifact_checksum=model.inspector.checksum,
             part_id=trigger.part_id if trigger else None,
             evidence_error=DISABLED if ng and self.evidence is None else None,
         )
@@ -217,13 +215,14 @@ class Camera:
                   frame.index, frame.origin)
         return verdict
 
-    def _inspect(self, frame: Frame, urgent: bool) -> Inspection:
-        """The frame's inspection; triggers answered by the same frame (a burst) share one."""
+    def _inspect(self, frame: Frame, urgent: bool) -> tuple[Inspection, LoadedModel]:
+        """The frame's inspection and the model that made it; triggers answered by the same frame (a burst) share
+        them."""
         if self._last is not None and self._last[0] is frame:
-            return self._last[1]
-        inspection = self.model.inspect(frame.image, urgent)
-        self._last = frame, inspection
-        return inspection
+            return self._last[1:]
+        inspection, model = self.model.inspect(frame.image, urgent)
+        self._last = frame, inspection, model
+        return inspection, model
 
     # -- triggers --------------------------------------------------------------------------------
 

@@ -331,6 +331,17 @@ def cmd_index(args: argparse.Namespace) -> None:
                       "search": index.choice.model_dump() if index.choice else None}))
 
 
+def cmd_self_test(args: argparse.Namespace) -> None:
+    from patchline.runtime.self_test import IMAGES, add_self_test
+
+    images = [rgb for _, rgb in iter_images(list_images(args.images)) if not isinstance(rgb, ImageError)]
+    if not images:
+        raise ValueError(f"{args.images}: no readable images")
+    step = max(1, len(images) // IMAGES)
+    scores = add_self_test(args.artifact, images[::step][:IMAGES])
+    print(json.dumps({"artifact": str(args.artifact), "self_test_scores": scores.round(6).tolist()}))
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     import signal
 
@@ -347,6 +358,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         daemon = Daemon(load_line_config(args.config, args.set))
         signal.signal(signal.SIGTERM, daemon.request_stop)
         signal.signal(signal.SIGINT, daemon.request_stop)
+        signal.signal(signal.SIGHUP, daemon.updates.request_reload)
         daemon.start()
     except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError, GpuUnavailable,
             MemoryError) as exc:
@@ -516,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy", type=Path, metavar="DATA", help="MVTec-layout folder: AUROC and score drift per variant")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("self-test", help="store a few good images and their scores in an artifact: what a model "
+                       "loaded into a running daemon (hot swap) must score the same before it is used")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--images", type=Path, required=True, help="good images (the first few, spread, are kept)")
+    p.set_defaults(func=cmd_self_test)
 
     p = sub.add_parser("index", help="(re)build the bank search index and measure the default search on this machine")
     p.add_argument("artifact", type=Path)

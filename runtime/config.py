@@ -459,12 +459,23 @@ class BatchingConfig(Section):
     max_wait_ms: float = Field(5.0, ge=0)
 
 
+class ModelUpdatesConfig(Section):
+    """New models without a restart (runtime/model_updates.py): SIGHUP, or the artifact path changing."""
+
+    watch: bool = True  # look for a changed artifact path (a replaced manifest, a swapped symlink)
+    watch_interval_s: float = Field(2.0, gt=0)
+    # A candidate's self-test scores may differ this much (relative) from those stored at export: engines differ
+    # (TensorRT FP16 ~1e-3, INT8 more); a model that computes something else differs by far more.
+    self_test_tolerance: float = Field(0.02, gt=0)
+
+
 class LineConfig(Section):
     """``patchline run`` for a line: several cameras in one process, one broker, one metrics port."""
 
     line: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the process's name, e.g. the systemd instance
     cameras: list[CameraConfig] = Field(min_length=1)
     batching: BatchingConfig = BatchingConfig()
+    model_updates: ModelUpdatesConfig = ModelUpdatesConfig()
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     # seq counters, MQTT spools and the folder sources' memories, one file each per camera; evidence/<camera>/
@@ -491,14 +502,15 @@ class LineConfig(Section):
 class RunConfig(CameraConfig):
     """``patchline run`` for one camera: the camera's settings and the broker, metrics and state beside them."""
 
+    model_updates: ModelUpdatesConfig = ModelUpdatesConfig()
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     state_dir: str = Field(default_factory=_state_directory)  # seq counter, MQTT spool, evidence
 
     def as_line(self) -> LineConfig:
         camera = CameraConfig(**{name: getattr(self, name) for name in CameraConfig.model_fields})
-        return LineConfig(line=self.camera, cameras=[camera], mqtt=self.mqtt, metrics=self.metrics,
-                          state_dir=self.state_dir)
+        return LineConfig(line=self.camera, cameras=[camera], model_updates=self.model_updates, mqtt=self.mqtt,
+                          metrics=self.metrics, state_dir=self.state_dir)
 
 
 def load_line_config(path: str | Path, overrides: list[str] = ()) -> LineConfig:

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.batching import SharedModel
 from patchline.runtime.camera import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, Camera
-from patchline.runtime.config import ConfigError, LineConfig
+from patchline.runtime.config import CameraConfig, LineConfig
 from patchline.runtime.gpu_preflight import preflight
-from patchline.runtime.inspector import Inspector
+from patchline.runtime.model_updates import ModelUpdates, Slot, load_model
 from patchline.runtime.metrics import LineCollector, MetricsServer, inference_histogram
 from patchline.runtime.systemd import Notifier
 
@@ -55,24 +54,23 @@ class Daemon:
         self.models: dict[tuple, SharedModel] = {}
         self.registry = CollectorRegistry()
         inference = inference_histogram(self.registry)
-        artifacts: dict[str, Artifact] = {}
+        groups: dict[tuple, list[CameraConfig]] = {}
+        for camera in config.cameras:
+            groups.setdefault(camera.model_key(), []).append(camera)
+        slots = {}
+        for key, group in groups.items():
+            with self.notifier.extending_start("loading the engine (a first TensorRT build takes minutes)"):
+                loaded = load_model(group[0].artifact, group[0], group, config.model_updates.self_test_tolerance)
+            model_id = loaded.artifact.manifest.model_id
+            name = model_id + (f"-{len(self.models)}" if any(m.name == model_id for m in self.models.values()) else "")
+            self.models[key] = SharedModel(loaded, config.batching, name)
+            slots[key] = Slot(self.models[key], group[0].artifact, group[0])
         self.cameras: list[Camera] = []
         for camera in config.cameras:
-            key = camera.model_key()
-            artifact = artifacts.get(key[0]) or artifacts.setdefault(key[0], load_artifact(camera.artifact))
-            if artifact.manifest.calibration is None and camera.threshold is None:
-                raise ConfigError(f"camera {camera.camera}: {camera.artifact}: the artifact is not calibrated and the "
-                                  "config sets no threshold; run `patchline calibrate` on it or set `threshold:`")
-            if key not in self.models:
-                with self.notifier.extending_start("loading the engine (a first TensorRT build takes minutes)"):
-                    inspector = Inspector(artifact, engine=camera.engine, distance=camera.distance,
-                                          precision=camera.precision, device=camera.device, threads=camera.threads,
-                                          tensorrt=camera.tensorrt)
-                name = artifact.manifest.model_id + (f"-{len(self.models)}" if any(
-                    m.name == artifact.manifest.model_id for m in self.models.values()) else "")
-                self.models[key] = SharedModel(inspector, config.batching, name)
             evidence = state / "evidence" if len(config.cameras) == 1 else state / "evidence" / camera.camera
-            self.cameras.append(Camera(camera, config, self.models[key], artifact, evidence, inference))
+            self.cameras.append(Camera(camera, config, self.models[camera.model_key()], evidence, inference))
+            slots[camera.model_key()].cameras.append(self.cameras[-1])
+        self.updates = ModelUpdates(list(slots.values()), config.model_updates)
         self.registry.register(LineCollector([c.metrics for c in self.cameras],
                                              lambda: {m.name: (m.batches, m.frames) for m in self.models.values()}))
         self.stop_requested = threading.Event()
@@ -85,7 +83,7 @@ class Daemon:
         """Connect, serve metrics, warm the models, start the cameras. Raises on a configuration problem."""
         cfg = self.config
         for camera in self.cameras:
-            engine = camera.model.inspector.engine
+            engine = camera.model.current.inspector.engine
             log.info("%s, engine %s (%s)", camera.describe(), camera.config.engine,
                      ", ".join(getattr(engine, "providers", [camera.config.device])))
         if len(self.models) < len(self.cameras) or len(self.cameras) > 1:
@@ -99,7 +97,7 @@ class Daemon:
         started = time.perf_counter()
         with self.notifier.extending_start("warming up the engine"):
             for model in self.models.values():
-                model.inspector.warm_up()
+                model.current.inspector.warm_up()
         log.info("engine warm in %.2f s; waiting for the first frame", time.perf_counter() - started)
         for camera in self.cameras:
             camera.start()
@@ -114,6 +112,7 @@ class Daemon:
         code = EXIT_OK
         while not self.stop_requested.wait(SUPERVISE_S):
             self._heartbeat()
+            self.updates.poll(time.monotonic())
             if not ready and all(c.ready for c in self.cameras):
                 ready = True
                 self.notifier.ready(self.status())
@@ -148,6 +147,7 @@ class Daemon:
             if not camera.closed:
                 own = "stopped" if camera.exit_code in (None, EXIT_OK) else "offline"
                 camera.shutdown(availability if availability == "offline" else own, FLUSH_TIMEOUT_S)
+        self.updates.close()
         for model in self.models.values():
             model.close()  # GPU memory is freed here, in its context, not left to the interpreter's exit
         if self.server is not None:
