@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from patchline.runtime.artifact import read_manifest  # noqa: E402
-from patchline.runtime.bench import summarise, write_result  # noqa: E402
 from patchline.runtime.config import RunConfig  # noqa: E402
 from patchline.runtime.daemon import Daemon  # noqa: E402
-from patchline.runtime.demo import write_video  # noqa: E402
 from patchline.runtime.sources import EndOfStream, open_source  # noqa: E402
+from patchline.runtime.tools.bench import summarise, write_result  # noqa: E402
+from patchline.runtime.tools.demo import write_video  # noqa: E402
 from tests.broker import Mosquitto  # noqa: E402
 
 

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from patchline.runtime import sources  # noqa: E402
-from patchline.runtime.bench import summarise, write_result  # noqa: E402
 from patchline.runtime.config import FolderSourceConfig  # noqa: E402
+from patchline.runtime.tools.bench import summarise, write_result  # noqa: E402
 
 
 def measure(count: int, polls: int, parent: str | None) -> dict:

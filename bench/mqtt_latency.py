@@ -37,9 +37,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from patchline.runtime.bench import summarise, write_result  # noqa: E402
 from patchline.runtime.config import MqttConfig  # noqa: E402
 from patchline.runtime.mqtt import MqttSink, Topics  # noqa: E402
+from patchline.runtime.tools.bench import summarise, write_result  # noqa: E402
 from patchline.runtime.verdict import SeqCounter  # noqa: E402
 from tests.broker import Mosquitto  # noqa: E402
 from tests.mqtt_child import CAMERA, sample_verdict  # noqa: E402

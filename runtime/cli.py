@@ -103,7 +103,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> None:
-    from patchline.runtime.bench_gpu import run_benchmark, write_results
+    from patchline.runtime.tools.bench_gpu import run_benchmark, write_results
     from patchline.runtime.config import load_config
 
     settings = load_config(args.config, args.set).tensorrt
@@ -114,7 +114,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> None:
-    from patchline.runtime.gpu_check import run_check, summary
+    from patchline.runtime.tools.gpu_check import run_check, summary
 
     report, path = run_check(args.artifact, args.images, args.out, args.repeats, args.max_images)
     print(summary(report))
@@ -310,7 +310,7 @@ def cmd_import_anomalib(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from patchline.runtime.bench import BenchOptions, format_table, run_bench
+    from patchline.runtime.tools.bench import BenchOptions, format_table, run_bench
 
     options = BenchOptions(
         artifact=args.artifact, images=args.images, frames=args.frames, warmup=args.warmup, threads=args.threads,

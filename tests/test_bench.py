@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from patchline.runtime.bench import STAGES, VariantSpec, parse_variant, summarise, write_result
+from patchline.runtime.tools.bench import STAGES, VariantSpec, parse_variant, summarise, write_result
 from patchline.runtime.cli import main
 from tests.test_search import strip_index
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patchline.runtime.demo import write_video  # noqa: F401  (the tests write videos as the demo does)
+from patchline.runtime.tools.demo import write_video  # noqa: F401  (the tests write videos as the demo does)
 
 
 def corrupt_frames(path: Path, indices: list[int]) -> None:

@@ -1,6 +1,6 @@
 """The last steps of ``make demo``: the exported demo model, running as the line's daemon.
 
-    python -m patchline.runtime.demo --dir demo     (after sample-data and export wrote demo/data, demo/artifact)
+    python -m patchline.runtime.tools.demo --dir demo     (after sample-data and export wrote demo/data, demo/artifact)
 
 1. threshold: the artifact's calibration when it has one; otherwise the highest score of the
    good test images (demo/data/test/good), i.e. the lowest threshold that passes every known-good
