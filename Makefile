@@ -49,7 +49,7 @@ demo-artifact: venv
 demo: demo-artifact
 	$(BIN)/patchline quantize --artifact $(DEMO)/artifact --images $(DEMO)/data --val $(DEMO)/val
 	$(BIN)/patchline eval --artifact $(DEMO)/artifact --data $(DEMO)/data
-	$(BIN)/python -m patchline.runtime.demo --dir $(DEMO)
+	$(BIN)/python -m patchline.runtime.tools.demo --dir $(DEMO)
 
 export: venv
 	$(BIN)/patchline export --config $(CONFIG) --images $(IMAGES) --out $(ARTIFACT)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from patchline.export.coreset import greedy_coreset
-from patchline.runtime.bench import write_result
+from patchline.runtime.tools.bench import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 

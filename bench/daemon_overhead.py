@@ -30,16 +30,15 @@ from pathlib import Path
 
 import cv2
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from patchline.runtime.artifact import read_manifest
+from patchline.runtime.config import RunConfig
+from patchline.runtime.daemon import Daemon
+from patchline.runtime.sources import EndOfStream, open_source
+from patchline.runtime.tools.bench import summarise, write_result
+from patchline.runtime.tools.broker import Mosquitto
+from patchline.runtime.tools.demo import write_video
 
-from patchline.runtime.artifact import read_manifest  # noqa: E402
-from patchline.runtime.bench import summarise, write_result  # noqa: E402
-from patchline.runtime.config import RunConfig  # noqa: E402
-from patchline.runtime.daemon import Daemon  # noqa: E402
-from patchline.runtime.demo import write_video  # noqa: E402
-from patchline.runtime.sources import EndOfStream, open_source  # noqa: E402
-from tests.broker import Mosquitto  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def scaled_video(video: Path, out: Path, size: tuple[int, int]) -> Path:

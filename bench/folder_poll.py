@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from patchline.runtime import sources
+from patchline.runtime.config import FolderSourceConfig
+from patchline.runtime.tools.bench import summarise, write_result
 
-from patchline.runtime import sources  # noqa: E402
-from patchline.runtime.bench import summarise, write_result  # noqa: E402
-from patchline.runtime.config import FolderSourceConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(count: int, polls: int, parent: str | None) -> dict:

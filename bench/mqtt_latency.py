@@ -2,7 +2,7 @@
 
     python bench/mqtt_latency.py [--count 2000] [--rate 200]
 
-Starts its own mosquitto on a free loopback port (tests/broker.py) and a paho subscriber in a
+Starts its own mosquitto on a free loopback port (patchline.runtime.tools.broker) and a paho subscriber in a
 separate process (like a PLC), then measures, pacing publishes at ``--rate`` per second so that the
 numbers are latency, not queueing:
 
@@ -34,15 +34,14 @@ import paho.mqtt.client as paho
 from paho.mqtt import __version__ as paho_version
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from patchline.runtime.config import MqttConfig
+from patchline.runtime.mqtt import MqttSink, Topics
+from patchline.runtime.tools.bench import summarise, write_result
+from patchline.runtime.tools.broker import Mosquitto
+from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
+from patchline.runtime.verdict import SeqCounter
 
-from patchline.runtime.bench import summarise, write_result  # noqa: E402
-from patchline.runtime.config import MqttConfig  # noqa: E402
-from patchline.runtime.mqtt import MqttSink, Topics  # noqa: E402
-from patchline.runtime.verdict import SeqCounter  # noqa: E402
-from tests.broker import Mosquitto  # noqa: E402
-from tests.mqtt_child import CAMERA, sample_verdict  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def subscribe(port: int, topic: str, count: int) -> None:

@@ -18,9 +18,9 @@ from patchline.calibration.report import write_report
 from patchline.calibration.scoring import ScoreSet, score_samples
 from patchline.calibration.thresholds import confusion
 from patchline.runtime.artifact import INT8_KEY, load_artifact
-from patchline.runtime.bench import summarise
 from patchline.runtime.decision import Calibration, decide
 from patchline.runtime.inspector import Inspector
+from patchline.runtime.tools.bench import summarise
 
 
 def _pixel_metrics(scores: ScoreSet, truth: tuple[np.ndarray, np.ndarray] | None, members: np.ndarray) -> dict:

@@ -18,8 +18,8 @@ import numpy as np
 
 from patchline.calibration.quantize import CalibrationBatches, calibration_images
 from patchline.runtime.artifact import load_artifact
+from patchline.runtime.atomic_write import write_atomically
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.engine_cache import write_atomically
 
 log = logging.getLogger("patchline.calibration")
 
@@ -62,7 +62,7 @@ def entropy_calibrator(batches: CalibrationBatches, cache_file: str | Path, devi
 
         def write_calibration_cache(self, cache: bytes) -> None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(cache_file, bytes(cache))
+            write_atomically(cache_file, bytes(cache), fsync=False)
 
     return EntropyCalibrator()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -22,6 +21,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from patchline.runtime.atomic_write import write_atomically
 from patchline.runtime.decision import Calibration
 from patchline.runtime.preprocess import Preprocessor
 
@@ -152,9 +152,8 @@ def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
     sums = {name: sha256_file(folder / name) for name in files}
     manifest = manifest.model_copy(update={"sha256": sums})
     # A new file renamed over the old: a crash or a concurrent load never sees half a manifest.
-    partial = folder / f"{MANIFEST}.{os.getpid()}.partial"
-    partial.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    os.replace(partial, folder / MANIFEST)
+    write_atomically(folder / MANIFEST, (json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n").encode(),
+                     fsync=False)
     return manifest
 
 

@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from patchline.runtime.artifact import PRECISIONS, ArtifactError
@@ -24,19 +26,23 @@ from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images
 log = logging.getLogger("patchline")
 
 
-def _missing_extra(exc: ModuleNotFoundError, extra: str) -> SystemExit:
-    return SystemExit(f"patchline: this command needs the '{extra}' extra ({exc.name} is not installed): "
-                      f"pip install 'patchline[{extra}]'")
+@contextmanager
+def _needs_extra(extra: str) -> Iterator[None]:
+    """Around the lazy imports of a command that needs an optional extra: a module missing from it ends the
+    command with the pip install that brings it, instead of a traceback on an edge box without it."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"patchline: this command needs the '{extra}' extra ({exc.name} is not installed): "
+                         f"pip install 'patchline[{extra}]'") from exc
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from patchline.runtime.config import load_config
 
     config = load_config(args.config, args.set)
-    try:
+    with _needs_extra("export"):
         from patchline.export.fit import export_artifact
-    except ModuleNotFoundError as exc:
-        raise _missing_extra(exc, "export") from exc
     manifest = export_artifact(config, args.images, args.out, progress=not args.quiet)
     engine = _prepare_engine(args.out, config.tensorrt, args.device) if args.engine == "trt" else None
     print(json.dumps({
@@ -103,7 +109,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> None:
-    from patchline.runtime.bench_gpu import run_benchmark, write_results
+    from patchline.runtime.tools.bench_gpu import run_benchmark, write_results
     from patchline.runtime.config import load_config
 
     settings = load_config(args.config, args.set).tensorrt
@@ -114,7 +120,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> None:
-    from patchline.runtime.gpu_check import run_check, summary
+    from patchline.runtime.tools.gpu_check import run_check, summary
 
     report, path = run_check(args.artifact, args.images, args.out, args.repeats, args.max_images)
     print(summary(report))
@@ -175,10 +181,8 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    try:
+    with _needs_extra("calibration"):
         from patchline.calibration.evaluate import evaluate_artifact
-    except ModuleNotFoundError as exc:
-        raise _missing_extra(exc, "calibration") from exc
 
     settings, _ = _settings(args, SCORE_OPTIONS)
     report_dir = args.report or args.artifact.parent / f"{args.artifact.name}-eval"
@@ -214,11 +218,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    try:
+    with _needs_extra("calibration"):
         from patchline.calibration.calibrate import (calibrate_scores, parse_rate, summary_lines,
                                                      validation_scores, write_calibration)
-    except ModuleNotFoundError as exc:
-        raise _missing_extra(exc, "calibration") from exc
     from patchline.runtime.artifact import load_artifact
 
     artifact = load_artifact(args.artifact)
@@ -237,10 +239,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    try:
+    with _needs_extra("calibration"):
         from patchline.calibration.quantize import quantize_int8
-    except ModuleNotFoundError as exc:
-        raise _missing_extra(exc, "calibration") from exc
 
     out = quantize_int8(args.artifact, args.images, args.val, limit=args.limit, batch_size=args.batch_size,
                         method=args.method, per_channel=not args.per_tensor)
@@ -264,10 +264,8 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
 
 
 def cmd_backbones(args: argparse.Namespace) -> None:
-    try:
+    with _needs_extra("export"):
         from patchline.export.catalogue import CATALOGUE, Entry, extractable_layers, parameter_count, resolve
-    except ModuleNotFoundError as exc:
-        raise _missing_extra(exc, "export") from exc
 
     def row(entry: Entry) -> str:
         if not entry.supported:
@@ -293,10 +291,8 @@ def cmd_backbones(args: argparse.Namespace) -> None:
 
 
 def cmd_import_anomalib(args: argparse.Namespace) -> None:
-    try:
+    with _needs_extra("export"):
         from patchline.export.anomalib_import import import_anomalib
-    except ModuleNotFoundError as exc:
-        raise _missing_extra(exc, "export") from exc
     manifest = import_anomalib(args.checkpoint, args.out, args.opset)
     print(json.dumps({
         "artifact": str(args.out),
@@ -310,7 +306,7 @@ def cmd_import_anomalib(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from patchline.runtime.bench import BenchOptions, format_table, run_bench
+    from patchline.runtime.tools.bench import BenchOptions, format_table, run_bench
 
     options = BenchOptions(
         artifact=args.artifact, images=args.images, frames=args.frames, warmup=args.warmup, threads=args.threads,

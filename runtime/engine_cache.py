@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from patchline.runtime.artifact import now_iso, sha256_file
+from patchline.runtime.atomic_write import write_atomically
 from patchline.runtime.config import TensorRtConfig, systemd_directory
 
 log = logging.getLogger(__name__)
@@ -162,17 +163,11 @@ def engine_problem(path: Path, key: EngineKey) -> str | None:
     return None
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-
-
 def write_engine(path: Path, key: EngineKey, plan: bytes, info: dict[str, object]) -> None:
     """Write the engine, then its sidecar: an engine left without one by a crash is never used."""
-    write_atomically(path, plan)
+    write_atomically(path, plan, fsync=False)
     meta = {"key": key.to_json(), "engine_sha256": hashlib.sha256(plan).hexdigest(), "built": now_iso(), **info}
-    write_atomically(sidecar(path), (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomically(sidecar(path), (json.dumps(meta, indent=2) + "\n").encode(), fsync=False)
 
 
 def remove_superseded(cache_dir: Path, key: EngineKey) -> list[Path]:

@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from patchline.runtime.atomic_write import write_atomically
 from patchline.runtime.disk_writes import DiskWrites
 
 log = logging.getLogger("patchline.source")
@@ -107,13 +108,7 @@ class InspectedFiles:
         """Write the journal anew with the names remembered now (temporary file + rename), and open it."""
         text = "".join(json.dumps(line) + "\n" for line in [{"folder": self.folder}, *sorted(self.names)])
         data = text.encode()
-        tmp = self.journal.with_name(f".{self.journal.name}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, self.journal)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomically(self.journal, data, fsync=False)
         if self._fd is not None:
             os.close(self._fd)
         self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
+
+from patchline.runtime.atomic_write import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,8 @@ class Spool:
     def put(self, record: dict) -> str:
         key = f"{self._next:012d}{SUFFIX}"
         self._next += 1
-        tmp = self.folder / f".{key}.tmp"
-        try:
-            tmp.write_text(json.dumps(record, separators=(",", ":"), allow_nan=False))
-            os.replace(tmp, self.folder / key)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a partial temp file would hold space that a full disk lacks
-            raise
+        write_atomically(self.folder / key, json.dumps(record, separators=(",", ":"), allow_nan=False).encode(),
+                         fsync=False)
         return key
 
     def remove(self, key: str) -> None:

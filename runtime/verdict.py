@@ -22,6 +22,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+from patchline.runtime.atomic_write import write_atomically
 from patchline.runtime.decision import Decision
 
 SCHEMA_VERSION = 1
@@ -128,21 +129,7 @@ class SeqCounter:
                     raise
             os.close(fd)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(record)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a half-written temp file would take space a full disk lacks
-            raise
-        folder = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        write_atomically(self.path, record, fsync=True)
         return os.open(self.path, os.O_RDWR)
 
 

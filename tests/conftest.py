@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Mosquitto
+from patchline.runtime.tools.broker import Mosquitto
 
 RUNTIME_ONLY = os.environ.get("PATCHLINE_RUNTIME_ONLY") == "1"
 EXPORT_PYTHON_ENV = "PATCHLINE_EXPORT_PYTHON"

@@ -1,14 +1,20 @@
-"""`patchline bench` runs once on the small artifact and writes a well-formed results file (no timing asserted)."""
+"""`patchline bench` runs once on the small artifact and writes a well-formed results file (no timing asserted);
+the scripts in bench/ start from the installed package."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from patchline.runtime.bench import STAGES, VariantSpec, parse_variant, summarise, write_result
 from patchline.runtime.cli import main
+from patchline.runtime.tools.bench import STAGES, VariantSpec, parse_variant, summarise, write_result
 from tests.test_search import strip_index
+
+BENCH_SCRIPTS = Path(__file__).resolve().parent.parent / "bench"
 
 
 def test_bench_writes_results_and_table(small_artifact, sample_data, mosquitto, tmp_path, capsys):
@@ -102,3 +108,14 @@ def test_plain_variant_with_dims_runs_on_an_artifact_without_index(small_artifac
     with pytest.raises(SystemExit, match="no bank projection"):
         main(["bench", "--artifact", str(old), "--frames", "1", "--variants", "plain,exact:32",
               "--out", str(tmp_path / "results")])
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH_SCRIPTS.glob("*.py")))
+def test_bench_scripts_import_only_the_installed_package(script, tmp_path):
+    """`python bench/x.py` finds everything it imports in the installed patchline: nothing from the checkout's
+    tests/, which is not on its path (run from elsewhere, no PYTHONPATH)."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(BENCH_SCRIPTS / script), "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:")

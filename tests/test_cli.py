@@ -140,6 +140,7 @@ def test_non_editable_install_imports_and_runs(tmp_path, cli_artifact, sample_da
                        python=python, cwd=tmp_path)
     assert "score" in json.loads(result.stdout)
     assert (site / "patchline" / "runtime" / "cli.py").is_file()
+    assert (site / "patchline" / "runtime" / "tools" / "broker.py").is_file()  # the subpackage is listed
     assert os.path.isdir(site / "patchline" / "export") and os.path.isdir(site / "patchline" / "calibration")
 
 
@@ -152,3 +153,18 @@ def test_verbose_refusal_logs_the_traceback(tmp_path, caplog):
         main(["-v", "score", "--artifact", str(tmp_path), str(tmp_path / "x.png")])
     failed = [r for r in caplog.records if r.getMessage() == "score failed"]
     assert len(failed) == 1 and failed[0].exc_info[0] is ArtifactError
+
+
+@pytest.mark.parametrize("command,extra,module", [
+    (["backbones"], "export", "patchline.export.catalogue"),
+    (["import-anomalib", "model.ckpt", "--out", "artifact"], "export", "patchline.export.anomalib_import"),
+    (["quantize", "--artifact", "artifact", "--images", "images"], "calibration", "patchline.calibration.quantize"),
+])
+def test_a_missing_extra_ends_the_command_with_the_install_that_brings_it(command, extra, module, monkeypatch):
+    from patchline.runtime.cli import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if its extra were not installed: importing it fails
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert str(exit_info.value) == (f"patchline: this command needs the '{extra}' extra ({module} is not installed): "
+                                    f"pip install 'patchline[{extra}]'")

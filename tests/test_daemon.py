@@ -33,10 +33,10 @@ from patchline.runtime.decision import Calibration
 from patchline.runtime.evidence import EvidenceStore
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.sources import open_source
+from patchline.runtime.tools.broker import Mosquitto, free_port
+from patchline.runtime.tools.demo import write_video
 from patchline.runtime.verdict import SCHEMA_PATH, epoch_seconds
-from tests.broker import Mosquitto, free_port
 from tests.conftest import needs_gstreamer
-from tests.video import write_video
 
 CAMERA = "cam1"
 # Frames of the test video: G good part, D the same part with a large defect.

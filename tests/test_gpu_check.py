@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from patchline.runtime.cuda_device import gpu_unavailable_reason
-from patchline.runtime.gpu_check import compare
+from patchline.runtime.tools.gpu_check import compare
 
 
 def _results(scores: list[float]) -> list[tuple[float, np.ndarray]]:
@@ -35,7 +35,7 @@ def test_compare_fails_closed_on_non_finite_scores() -> None:
 
 def test_verdict_needs_the_kernel_combinations_and_every_part_that_ran(tmp_path) -> None:
     """A kernel combination that crashed fails the check; a TensorRT one whose library is absent does not."""
-    from patchline.runtime.gpu_check import verdict
+    from patchline.runtime.tools.gpu_check import verdict
 
     ok = {"passed": True}
     parity = {"threshold": 1.0, "cpu_scores": [], "onnxruntime-cpu + cuda kernel fp32": ok,

@@ -136,7 +136,7 @@ def test_gpu_libraries_are_imported_lazily() -> None:
     code = ("import sys\n"
             "import patchline.runtime.cli, patchline.runtime.engine, patchline.runtime.inspector\n"
             "import patchline.runtime.gpu_distance, patchline.runtime.tensorrt_engine, patchline.runtime.trt_build\n"
-            "import patchline.runtime.bench_gpu\n"
+            "import patchline.runtime.tools.bench_gpu\n"
             "print(sorted(m for m in ('tensorrt', 'pycuda', 'cupy', 'torch', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -242,7 +242,7 @@ def test_onnxruntime_tensorrt_provider_matches_cpu(small_artifact, tmp_path) -> 
 
 @needs_gpu
 def test_bench_gpu_writes_results(small_artifact, tmp_path) -> None:
-    from patchline.runtime.bench_gpu import run_benchmark, write_results
+    from patchline.runtime.tools.bench_gpu import run_benchmark, write_results
 
     results = run_benchmark(small_artifact, repeats=3, batch=2,
                             settings=TensorRtConfig(cache_dir=str(tmp_path / "cache")))

@@ -53,7 +53,7 @@ def test_bench_reads_the_real_pycuda_version(pypi_cache, tmp_path) -> None:
     import onnxruntime
 
     source = unpack(fetch(PYCUDA, pypi_cache, binary=False), tmp_path / "pycuda")
-    code = "import json; from patchline.runtime.bench_gpu import library_versions; print(json.dumps(library_versions()))"
+    code = "import json; from patchline.runtime.tools.bench_gpu import library_versions; print(json.dumps(library_versions()))"
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(source)},
                             capture_output=True, text=True, check=True)
     versions = json.loads(result.stdout)

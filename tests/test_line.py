@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from patchline.runtime.config import ConfigError, load_line_config
-from tests.broker import Mosquitto, free_port
+from patchline.runtime.tools.broker import Mosquitto, free_port
 from tests.conftest import needs_gstreamer
 from tests.test_daemon import LIVE, calibrated_artifact, defective, good_part, running  # noqa: F401
 from tests.test_line_failures import drop, scrape, wait_until

@@ -18,13 +18,13 @@ import cv2
 import pytest
 
 from patchline.runtime.inspector import Inspector
+from patchline.runtime.tools.broker import free_port
+from patchline.runtime.tools.demo import write_video
 from patchline.runtime.verdict import epoch_seconds
-from tests.broker import free_port
 from tests.conftest import SMALL_OVERRIDES, fill, needs_gstreamer
 from tests.hostile import corpus
 from tests.test_daemon import (CAMERA, calibrated_artifact, defective, finish, good_part,  # noqa: F401
                                run_config, running, start_daemon, subscriber)
-from tests.video import write_video
 
 LABEL = f'{{camera="{CAMERA}"}}'
 
@@ -252,7 +252,7 @@ def test_broker_outage_metrics_account_for_every_verdict(tmp_path, calibrated_ar
     """Verdicts made during a broker outage are queued, then delivered when it is back; at every scrape the
     metrics add up (made + recovered = delivered + dropped + queue depth), and once delivered they agree with
     what a subscriber received."""
-    from tests.broker import Mosquitto
+    from patchline.runtime.tools.broker import Mosquitto
     from tests.test_mqtt import Listener
 
     broker = Mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {tmp_path}/\n")

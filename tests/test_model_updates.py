@@ -20,7 +20,7 @@ from tests.conftest import needs_gstreamer
 from tests.test_daemon import (CAMERA, calibrated_artifact, good_part, run_config, running,  # noqa: F401
                                subscriber)
 from tests.test_line_failures import wait_until
-from tests.video import write_video
+from patchline.runtime.tools.demo import write_video
 
 FRAMES = 60
 

@@ -27,10 +27,10 @@ from patchline.runtime.config import MqttConfig, TlsConfig
 from patchline.runtime.decision import Decision
 from patchline.runtime.mqtt import MqttError, MqttSink, Topics, Trigger, parse_trigger, read_password
 from patchline.runtime import verdict as verdict_module
+from patchline.runtime.tools.broker import Mosquitto, free_port
+from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 from patchline.runtime.verdict import SCHEMA_PATH, SeqCounter, epoch_seconds, iso_utc, make_verdict
-from tests.broker import Mosquitto, free_port
 from tests.conftest import fill
-from tests.mqtt_child import CAMERA, sample_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = Topics.for_camera("patchline", CAMERA)

@@ -22,8 +22,8 @@ from patchline.runtime.decision import Calibration, decide
 from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.overlay import write_rgb
+from patchline.runtime.tools.demo import write_video
 from tests.test_daemon import CAMERA, finish, run_config, start_daemon, subscriber  # noqa: F401 - a fixture
-from tests.video import write_video
 
 DARK, BRIGHT = 20, 250  # grey levels: every normalised pixel below 0, and above 0
 

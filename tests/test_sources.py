@@ -18,10 +18,11 @@ from patchline.runtime.config import SourceConfig
 from patchline.runtime import sources
 from patchline.runtime.sources import (EndOfStream, SourceConfigError, open_source, opencv_has_gstreamer,
                                        reconnect_delay)
-from tests.broker import free_port
+from patchline.runtime.tools.broker import free_port
+from patchline.runtime.tools.demo import write_video
 from tests.conftest import needs_gstreamer
 from tests.hostile import corpus, encode, lying_png
-from tests.video import corrupt_frames, grey_frames, write_video
+from tests.video import corrupt_frames, grey_frames
 
 SOURCE = TypeAdapter(SourceConfig)
 

@@ -1,12 +1,11 @@
-"""Real video files for the source and daemon tests: MJPEG in AVI, written with OpenCV."""
+"""Frames for the source tests' video files, and damage done to such a file (the files are written as the demo
+writes its video: ``patchline.runtime.tools.demo.write_video``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-
-from patchline.runtime.demo import write_video  # noqa: F401  (the tests write videos as the demo does)
 
 
 def corrupt_frames(path: Path, indices: list[int]) -> None:

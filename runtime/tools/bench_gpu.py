@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
-from patchline.runtime.bench import summarise, write_result
 from patchline.runtime.config import TensorRtConfig
+from patchline.runtime.tools.bench import summarise, write_result
 
 log = logging.getLogger(__name__)
 

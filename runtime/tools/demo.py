@@ -1,6 +1,6 @@
 """The last steps of ``make demo``: the exported demo model, running as the line's daemon.
 
-    python -m patchline.runtime.demo --dir demo     (after sample-data and export wrote demo/data, demo/artifact)
+    python -m patchline.runtime.tools.demo --dir demo     (after sample-data and export wrote demo/data, demo/artifact)
 
 1. threshold: the artifact's calibration when it has one; otherwise the highest score of the
    good test images (demo/data/test/good), i.e. the lowest threshold that passes every known-good
@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +29,7 @@ import yaml
 
 from patchline.runtime.artifact import read_manifest
 from patchline.runtime.preprocess import list_images, read_image
+from patchline.runtime.tools.broker import Mosquitto, free_port
 from patchline.runtime.verdict import epoch_seconds
 
 CAMERA = "demo-cam"
@@ -74,33 +71,6 @@ def demo_video(data: Path, out: Path) -> list[str]:
         frames += [read_image(path)] * int(FPS * SECONDS_PER_PART)
     write_video(out, frames, FPS)
     return [p.parent.name for p in parts]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_mosquitto(folder: Path, port: int) -> subprocess.Popen:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
-        sys.exit("demo: mosquitto is not installed (make system-deps, or apt-get install mosquitto)")
-    conf = folder / "mosquitto.conf"
-    # As root mosquitto switches to its own user by default; stay the user that owns the demo folder.
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"user {pwd.getpwuid(os.geteuid()).pw_name}\nlog_dest file {(folder / 'mosquitto.log').resolve()}\n")
-    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return broker
-        if broker.poll() is not None:
-            break
-        time.sleep(0.05)
-    broker.kill()
-    sys.exit(f"demo: mosquitto did not start on port {port}; see {folder / 'mosquitto.log'}")
 
 
 def subscribe(port: int) -> tuple[mqtt.Client, list[tuple[str, bytes]]]:
@@ -162,7 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     run_config = folder / "run.yaml"
     run_config.write_text(yaml.safe_dump(config, sort_keys=False))
-    broker = start_mosquitto(folder, port)
+    try:
+        broker = Mosquitto(folder, port)
+        broker.start()
+    except RuntimeError as exc:
+        sys.exit(f"demo: {exc}")
     try:
         client, received = subscribe(port)
         print(f"mosquitto on 127.0.0.1:{port}; try: mosquitto_sub -p {port} -t 'patchline/#' -v\n"
@@ -177,8 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         client.loop_stop()
         client.disconnect()
     finally:
-        broker.terminate()
-        broker.wait()
+        broker.stop()
     count = print_verdicts(received, parts)
     if code != 0 or count == 0:
         sys.exit(f"demo: the daemon exited with {code} after {count} verdict(s)")

@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
-from patchline.runtime.bench import write_result
 from patchline.runtime.config import TensorRtConfig
 from patchline.runtime.decision import rejected
 from patchline.runtime.preprocess import ImageError, iter_images, list_images
+from patchline.runtime.tools.bench import write_result
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GPU_TESTS = ("tests/test_gpu_kernel.py", "tests/test_gpu_engines.py", "tests/test_engine_cache.py")
 
 
@@ -81,7 +81,7 @@ def _run_part(report: dict[str, object], name: str, part: Callable[[], object]) 
 
 
 def environment() -> dict[str, object]:
-    from patchline.runtime.bench_gpu import library_versions
+    from patchline.runtime.tools.bench_gpu import library_versions
     import onnxruntime as ort
 
     from patchline.runtime.cuda_device import CudaDevice
@@ -171,7 +171,7 @@ def gpu_tests(junit: Path) -> dict[str, object]:
 def run_check(artifact_dir: str | Path, images: str | Path, out_dir: str | Path, repeats: int = 20,
               max_images: int = 24) -> tuple[dict[str, object], Path]:
     """All parts in order; returns the report and the path it was written to."""
-    from patchline.runtime.bench_gpu import run_benchmark
+    from patchline.runtime.tools.bench_gpu import run_benchmark
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
