@@ -10,7 +10,7 @@ ARTIFACT ?= artifacts/model
 # TensorRT, pycuda, CuPy of that CUDA major); cpu,jetson on a Jetson. Exactly one: they overwrite each other.
 RUNTIME_EXTRA ?= cpu
 
-.PHONY: demo demo-artifact test test-py311 test-py310 export system-deps venv clean engine bench bench-gpu gpu-check install
+.PHONY: demo demo-artifact test test-py311 test-py310 export system-deps venv clean engine bench bench-line bench-gpu gpu-check install
 
 # Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
 system-deps:
@@ -136,3 +136,11 @@ bench: venv $(BENCH_CACHE)/synthetic-224/manifest.json $(BENCH_CACHE)/real-224/m
 	$(BIN)/patchline bench --artifact $(BENCH_CACHE)/synthetic-224 --images $(BENCH_CACHE)/synthetic-data $(BENCH_ARGS)
 	$(BIN)/patchline bench --artifact $(BENCH_CACHE)/real-224 --images $(BENCH_CACHE)/real-data $(BENCH_ARGS)
 	$(BIN)/patchline bench --artifact $(BENCH_CACHE)/real-256 --images $(BENCH_CACHE)/real-data $(BENCH_REAL_ARGS)
+
+# Many cameras in one process against as many single-camera processes (1, 2, 4, 8 cameras, ~6 min), on the demo's
+# video and model (docs/benchmarks.md "Many cameras in one process"). On a GPU box: make bench-line VENV=.venv-gpu
+# RUNTIME_EXTRA=gpu BENCH_LINE_ARGS="--device cuda --fps 120" (a rate that saturates it: inspected below 100 %).
+BENCH_LINE_ARGS ?=
+bench-line: venv
+	test -f $(DEMO)/line.avi || $(MAKE) demo
+	$(BIN)/python bench/line_throughput.py --demo $(DEMO) $(BENCH_LINE_ARGS)

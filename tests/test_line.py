@@ -16,7 +16,7 @@ from patchline.runtime.tools.broker import Mosquitto, free_port
 from tests.conftest import needs_gstreamer
 from tests.test_daemon import LIVE, calibrated_artifact, defective, good_part, running  # noqa: F401
 from tests.test_line_failures import drop, scrape, wait_until
-from tests.test_mqtt import Listener
+from patchline.runtime.tools.broker import Listener
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "line-cameras.yaml"
 

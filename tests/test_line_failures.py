@@ -253,7 +253,7 @@ def test_broker_outage_metrics_account_for_every_verdict(tmp_path, calibrated_ar
     metrics add up (made + recovered = delivered + dropped + queue depth), and once delivered they agree with
     what a subscriber received."""
     from patchline.runtime.tools.broker import Mosquitto
-    from tests.test_mqtt import Listener
+    from patchline.runtime.tools.broker import Listener
 
     broker = Mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {tmp_path}/\n")
     broker.start()

@@ -27,6 +27,7 @@ from patchline.runtime.config import MqttConfig, TlsConfig
 from patchline.runtime.decision import Decision
 from patchline.runtime.mqtt import MqttError, MqttSink, Topics, Trigger, parse_trigger, read_password
 from patchline.runtime import verdict as verdict_module
+from patchline.runtime.tools import broker
 from patchline.runtime.tools.broker import Mosquitto, free_port
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 from patchline.runtime.verdict import SCHEMA_PATH, SeqCounter, epoch_seconds, iso_utc, make_verdict
@@ -38,44 +39,11 @@ VALIDATOR = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()),
                                             format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
 
-class Listener:
-    """A real paho subscriber that records every message in arrival order."""
-
-    def __init__(self, port: int, topics: list[str], protocol: str = "5", client_id: str = "",
-                 persistent: bool = False) -> None:
-        self.messages: list[paho.MQTTMessage] = []
-        self._cond = threading.Condition()
-        self._subscribed = threading.Event()
-        v5 = protocol == "5"
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-                                  clean_session=None if v5 else not persistent)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
-        self.client.on_subscribe = lambda *args: self._subscribed.set()
-        self.client.on_message = self._record
-        self.client.connect("127.0.0.1", port, **({"clean_start": not persistent} if v5 else {}))
-        self.client.loop_start()
-        assert self._subscribed.wait(5), "test subscriber got no SUBACK"
-
-    def _record(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        with self._cond:
-            self.messages.append(message)
-            self._cond.notify_all()
-
-    def wait(self, predicate: Callable[[list[paho.MQTTMessage]], bool], timeout: float = 10.0) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate(self.messages), timeout)
-
-    def on(self, topic: str) -> list[bytes]:
-        with self._cond:
-            return [m.payload for m in self.messages if m.topic == topic]
+class Listener(broker.Listener):
+    """The tool's subscriber, reading this module's camera's verdicts."""
 
     def verdict_seqs(self) -> list[int]:
         return [json.loads(p)["seq"] for p in self.on(TOPICS.verdict)]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture()

@@ -7,8 +7,13 @@ import pwd
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 START_TIMEOUT_S = 10.0
 
@@ -68,3 +73,41 @@ class Mosquitto:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class Listener:
+    """A paho subscriber that records every message on ``topics`` in arrival order (tests, benchmarks)."""
+
+    def __init__(self, port: int, topics: list[str], protocol: str = "5", client_id: str = "",
+                 persistent: bool = False) -> None:
+        self.messages: list[paho.MQTTMessage] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        v5 = protocol == "5"
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+                                  clean_session=None if v5 else not persistent)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
+        self.client.on_message = self._record
+        self.client.connect("127.0.0.1", port, **({"clean_start": not persistent} if v5 else {}))
+        self.client.loop_start()
+        if not self._subscribed.wait(5):
+            raise RuntimeError(f"subscriber to {topics} on port {port} got no SUBACK within 5 s")
+
+    def _record(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[list[paho.MQTTMessage]], bool], timeout: float = 10.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.messages), timeout)
+
+    def on(self, topic: str) -> list[bytes]:
+        with self._cond:
+            return [m.payload for m in self.messages if m.topic == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
