@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from patchline.runtime.artifact import PRECISIONS, ArtifactError
-from patchline.runtime.config import ConfigError, RunConfig, TensorRtConfig, load_any_config
+from patchline.runtime.config import CameraConfig, ConfigError, TensorRtConfig, load_any_config
 from patchline.runtime.cuda_device import GpuUnavailable
 from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
@@ -63,13 +63,14 @@ SCORE_OPTIONS = {"artifact": None, "engine": "onnxruntime", "device": "auto", "d
 ENGINE_OPTIONS = {"artifact": None, "device": "cuda"}
 
 
-def _settings(args: argparse.Namespace, options: dict[str, object]) -> tuple[TensorRtConfig, RunConfig | None]:
-    """--config's tensorrt section with --set applied, and the run config when --config is one.
+def _settings(args: argparse.Namespace, options: dict[str, object]) -> tuple[TensorRtConfig, CameraConfig | None]:
+    """--config's tensorrt section with --set applied, and the camera's settings when --config is a run config.
 
-    A run config (`patchline run`'s, e.g. /etc/patchline/<camera>.yaml) also gives ``options`` their values
-    where the command line does not, and puts engines in the service's cache: the engine is the camera's."""
-    config = load_any_config(args.config, args.set)
-    run = config if isinstance(config, RunConfig) else None
+    A run config (`patchline run`'s, e.g. /etc/patchline/<line>.yaml; --camera names one of a line's) also gives
+    ``options`` their values where the command line does not, and puts engines in the service's cache: the
+    engine is the camera's."""
+    config = load_any_config(args.config, args.set, args.camera)
+    run = config if isinstance(config, CameraConfig) else None
     for name, default in options.items():
         if getattr(args, name) is None:
             setattr(args, name, getattr(run, name) if run else default)
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "builds the engine that camera's service loads, in its cache")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
+    p.add_argument("--camera", help="the camera of a line's run config whose engine to build")
     p.add_argument("--device", help="cuda or cuda:N (default: the run config's, else cuda)")
     p.add_argument("--check", action="store_true", help="only check the cached engine; fail if missing or stale")
     p.add_argument("--calibrate", type=Path, metavar="IMAGES",
@@ -423,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "also sets the options below that are not given, as that camera runs")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
+        p.add_argument("--camera", help="the camera of a line's run config whose settings to use")
         p.add_argument("--artifact", type=Path, help="artifact folder (default: the run config's)")
         p.add_argument("--device", choices=ORT_DEVICES,
                        help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider); default auto")

@@ -261,12 +261,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), model
     return _validate(str(path) if path else "<defaults>", _read_yaml(path), overrides, model)
 
 
-def load_any_config(path: str | Path | None, overrides: list[str] = ()) -> Config | RunConfig:
-    """An export config, or a run config (``patchline run``'s, told apart by its ``camera``): both have a
-    ``tensorrt`` section, so `patchline engine`, `score` and `eval` build and use the engine a camera uses."""
+def load_any_config(path: str | Path | None, overrides: list[str] = (), camera: str | None = None
+                    ) -> Config | CameraConfig:
+    """An export config, or a camera of a run config (``patchline run``'s: one ``camera``, or a line's ``cameras``
+    of which ``camera`` names one): both have a ``tensorrt`` section, so `patchline engine`, `score` and `eval`
+    build and use the engine a camera uses."""
     data = _read_yaml(path)
-    model = RunConfig if "camera" in data else Config
-    return _validate(str(path) if path else "<defaults>", data, overrides, model)
+    source = str(path) if path else "<defaults>"
+    if "cameras" in data:
+        line = _validate(source, data, overrides, LineConfig)
+        names = [c.camera for c in line.cameras]
+        if camera is None and len(names) == 1:
+            camera = names[0]
+        if camera not in names:
+            raise ConfigError(f"{source}: a line of cameras {', '.join(names)}: name one with --camera")
+        return line.cameras[names.index(camera)]
+    return _validate(source, data, overrides, RunConfig if "camera" in data else Config)
 
 
 def _validate(source: str, data: dict[str, Any], overrides: list[str], model: type[Config]) -> Config:

@@ -11,7 +11,7 @@ import cv2
 import pytest
 import yaml
 
-from patchline.runtime.config import ConfigError, load_line_config
+from patchline.runtime.config import ConfigError, load_any_config, load_line_config
 from patchline.runtime.tools.broker import Mosquitto, free_port
 from tests.conftest import needs_gstreamer
 from tests.test_daemon import LIVE, calibrated_artifact, defective, good_part, running  # noqa: F401
@@ -160,3 +160,11 @@ def test_a_line_config_refuses_repeated_cameras_and_one_client_id(tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="client_id names one connection"):
         load_line_config(path)
+
+
+def test_engine_score_and_eval_take_a_camera_of_a_line_config():
+    """`patchline engine/score/eval --config line.yaml --camera NAME` use that camera's settings and artifact."""
+    camera = load_any_config(EXAMPLE, camera="line3-station3")
+    assert camera.camera == "line3-station3" and camera.artifact == "/opt/patchline/models/line3-cover"
+    with pytest.raises(ConfigError, match="name one with --camera"):
+        load_any_config(EXAMPLE)
