@@ -69,7 +69,8 @@ def test_four_cameras_in_one_process_batch_and_fail_alone(tmp_path, calibrated_a
         "line3-rework": {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05},
     }
     config = line_config(tmp_path, calibrated_artifact, broker.port, sources,
-                         **{"line3-station3": {"threshold": 1.0, "evidence": {"enabled": False}}})
+                         **{"line3-station3": {"threshold": 1.0, "evidence": {"enabled": False}},
+                            "line3-station2": {"trigger": {"timeout_s": 30}}})  # a loaded CI box is slow
     port = load_line_config(config).metrics.port
     try:
         with running(config) as process:
