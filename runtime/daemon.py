@@ -60,7 +60,8 @@ class Daemon:
         slots = {}
         for key, group in groups.items():
             with self.notifier.extending_start("loading the engine (a first TensorRT build takes minutes)"):
-                loaded = load_model(group[0].artifact, group[0], group, config.model_updates.self_test_tolerance)
+                loaded = load_model(group[0].artifact, group[0], group, config.model_updates.self_test_tolerance,
+                                    require_self_test=False)
             model_id = loaded.artifact.manifest.model_id
             name = model_id + (f"-{len(self.models)}" if any(m.name == model_id for m in self.models.values()) else "")
             self.models[key] = SharedModel(loaded, config.batching, name)

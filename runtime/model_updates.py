@@ -30,7 +30,7 @@ from patchline.runtime.camera import Camera
 from patchline.runtime.config import CameraConfig, ConfigError, ModelUpdatesConfig
 from patchline.runtime.cuda_device import GpuUnavailable
 from patchline.runtime.inspector import Inspector
-from patchline.runtime.self_test import check
+from patchline.runtime.self_test import SELF_TEST_KEY, check
 
 log = logging.getLogger("patchline.models")
 
@@ -47,10 +47,11 @@ def fingerprint(path: str) -> Fingerprint | None:
     return folder, info.st_ino, info.st_mtime_ns, info.st_size
 
 
-def load_model(path: str | Path, settings: CameraConfig, cameras: list[CameraConfig],
-               self_test_tolerance: float) -> LoadedModel:
-    """An artifact loaded and checked as everything a start checks: schema, checksums, a threshold for each camera
-    (its own or the calibration), the engine, and the self-test images' scores when the artifact has them."""
+def load_model(path: str | Path, settings: CameraConfig, cameras: list[CameraConfig], self_test_tolerance: float,
+               require_self_test: bool) -> LoadedModel:
+    """An artifact loaded and checked: schema, checksums, a threshold for each camera (its own or the calibration),
+    the engine, and its self-test images' scores — which a model loaded into a running line must have (a start
+    takes an artifact without them: an older export, an anomalib import)."""
     artifact = load_artifact(path)
     for camera in cameras:
         if artifact.manifest.calibration is None and camera.threshold is None:
@@ -59,7 +60,8 @@ def load_model(path: str | Path, settings: CameraConfig, cameras: list[CameraCon
     inspector = Inspector(artifact, engine=settings.engine, distance=settings.distance, precision=settings.precision,
                           device=settings.device, threads=settings.threads, tensorrt=settings.tensorrt)
     try:
-        check(artifact, inspector, self_test_tolerance)
+        if require_self_test or SELF_TEST_KEY in artifact.manifest.extra_files:
+            check(artifact, inspector, self_test_tolerance)
     except BaseException:
         inspector.close()
         raise
@@ -130,7 +132,7 @@ class ModelUpdates:
                  running.artifact.manifest.model_id)
         try:
             candidate = load_model(slot.path, slot.settings, [c.config for c in slot.cameras],
-                                   self.config.self_test_tolerance)
+                                   self.config.self_test_tolerance, require_self_test=True)
         except (ArtifactError, ConfigError, GpuUnavailable, OSError, ValueError, MemoryError) as exc:
             detail = f"{slot.path}: {exc}" if str(slot.path) not in str(exc) else str(exc)
             log.error("model %s: refused, %s keeps running: %s", slot.model.name,

@@ -133,5 +133,5 @@ def test_manifest_records_what_the_runtime_needs(small_artifact):
     assert manifest.model.onnx_max_abs_diff < 1e-3
     assert manifest.memory_bank.shape == (2048, 192)  # 20 images × 1024 patches × 0.1
     assert manifest.calibration is None
-    assert set(manifest.sha256) == {"model.onnx", "memory_bank.npy", "bank_projection.npz", "bank_knn.npy"}
+    assert set(manifest.sha256) == {"model.onnx", "memory_bank.npy", "bank_projection.npz", "bank_knn.npy", "self_test.npz"}
     assert {"torch", "onnxruntime", "timm"} <= set(manifest.tool_versions)
