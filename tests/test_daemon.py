@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -433,6 +434,81 @@ def test_a_busy_metrics_port_names_the_setting():
             MetricsServer(CollectorRegistry(), lambda: (True, {}), "127.0.0.1", port)
     finally:
         taken.close()
+
+
+# What a scrape showed before the sinks had an interface of their own: dashboards and alerts depend on these.
+SCRAPED_FAMILIES = {
+    ("patchline_disk_write_failures", "counter", ("camera", "error", "what")),
+    ("patchline_evidence", "counter", ("camera", "outcome")),
+    ("patchline_fps", "gauge", ("camera",)),
+    ("patchline_frames", "counter", ("camera",)),
+    ("patchline_frames_corrupt", "counter", ("camera",)),
+    ("patchline_frames_lost", "counter", ("camera",)),
+    ("patchline_frames_skipped", "counter", ("camera",)),
+    ("patchline_inference_seconds", "histogram", ("camera",)),
+    ("patchline_inspection_errors", "counter", ("camera", "reason")),
+    ("patchline_last_frame_age_seconds", "gauge", ("camera",)),
+    ("patchline_mqtt_connected", "gauge", ("camera",)),
+    ("patchline_mqtt_delivered", "counter", ("camera",)),
+    ("patchline_mqtt_dropped", "counter", ("camera",)),
+    ("patchline_mqtt_queue_depth", "gauge", ("camera",)),
+    ("patchline_mqtt_reconnects", "counter", ("camera",)),
+    ("patchline_mqtt_recovered", "counter", ("camera",)),
+    ("patchline_source_reconnects", "counter", ("camera",)),
+    ("patchline_source_stalls", "counter", ("camera",)),
+    ("patchline_source_unreadable", "counter", ("camera",)),
+    ("patchline_trigger_errors", "counter", ("camera", "reason")),
+    ("patchline_uptime_seconds", "gauge", ("camera",)),
+    ("patchline_verdicts", "counter", ("camera", "result")),
+}
+
+
+def test_a_scrape_shows_the_same_metric_families_and_the_sinks_counts(tmp_path, mosquitto):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from patchline.runtime.config import MqttConfig
+    from patchline.runtime.disk_writes import DiskWrites
+    from patchline.runtime.metrics import Metrics, MetricsServer
+    from patchline.runtime.mqtt import MqttSink
+    from tests.mqtt_child import sample_verdict
+
+    disk = DiskWrites()
+    config = RunConfig.model_validate({"camera": CAMERA, "artifact": str(tmp_path), "state_dir": str(tmp_path),
+                                       "source": {"kind": "folder", "path": str(tmp_path)}})
+    source = open_source(config.source, memory=tmp_path / "inspected", disk=disk)
+    sink = MqttSink(MqttConfig(port=mosquitto.port), CAMERA, tmp_path, disk=disk)
+    evidence = EvidenceStore(tmp_path / "evidence", 1, "png", 1, disk)
+    metrics = Metrics(CAMERA, source, sink, evidence, disk)
+    server = MetricsServer(metrics.registry, lambda: (True, {}), "127.0.0.1", 0)
+    # A sample in every family, so that the scrape shows each one's labels.
+    metrics.inspected(0.01, "OK")
+    metrics.trigger_error("no_frame")
+    metrics.inspection_error("non_finite_score")
+    disk.failed("evidence", tmp_path, OSError(errno.ENOSPC, "No space left on device"), "not saved")
+    sink.start()
+    try:
+        assert sink.wait_connected(5)
+        for seq in (1, 2, 3):
+            sink.publish_verdict(sample_verdict(seq))
+        deadline = time.monotonic() + 10
+        while sink.delivered < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+            families = list(text_string_to_metric_families(response.read().decode()))
+    finally:
+        server.close()
+        sink.stop(flush_timeout=1)
+        evidence.close()
+        source.close()
+    # The histogram's _created is prometheus_client's own (PROMETHEUS_DISABLE_CREATED_SERIES turns it off).
+    shown = {(f.name, f.type, tuple(sorted({k for s in f.samples for k in s.labels} - {"le"}))) for f in families
+             if not f.name.endswith("_created")}
+    assert shown == SCRAPED_FAMILIES
+    values = {s.name: s.value for f in families for s in f.samples if s.labels == {"camera": CAMERA}}
+    assert {name: values[f"patchline_mqtt_{name}"] for name in ("delivered_total", "recovered_total", "dropped_total",
+                                                                "reconnects_total", "queue_depth", "connected")} == {
+        "delivered_total": 3, "recovered_total": 0, "dropped_total": 0, "reconnects_total": 0, "queue_depth": 0,
+        "connected": 1}
 
 
 @needs_gstreamer
