@@ -33,10 +33,10 @@ from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InO
 from patchline.runtime.gpu_preflight import preflight
 from patchline.runtime.inspector import Inspection, Inspector
 from patchline.runtime.metrics import Metrics, MetricsServer
-from patchline.runtime.mqtt import MqttSink, Trigger
+from patchline.runtime.mqtt import MqttSink
 from patchline.runtime.sources import EndOfStream, Frame, SourceConfigError, open_source
 from patchline.runtime.systemd import Notifier
-from patchline.runtime.triggers import TriggeredFrames
+from patchline.runtime.triggers import Trigger, TriggeredFrames
 from patchline.runtime.verdict import SeqCounter, make_verdict
 
 log = logging.getLogger("patchline.daemon")

@@ -56,6 +56,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from patchline.runtime.config import MqttConfig
 from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.spool import Spool
+from patchline.runtime.triggers import Trigger, parse_trigger
 from patchline.runtime.verdict import SCHEMA_VERSION, iso_utc
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ DROP_LOG_INTERVAL_S = 10.0
 SENDER_JOIN_TIMEOUT_S = 5.0  # stop() has flushed already; the sender only has to notice it is stopping
 # NO_CONN: the connection dropped just now; paho keeps the message and sends it after the reconnect.
 ACCEPTED = (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
-MAX_PART_ID = 128
 # CONNACK refusals that retrying cannot fix: stop and report instead of hammering the broker.
 FATAL_CONNACK = {
     "Bad user name or password": "check mqtt.username and the password credential",
@@ -84,16 +84,6 @@ FATAL_CONNACK = {
 
 class MqttError(RuntimeError):
     """An MQTT configuration that cannot work (TLS files, credentials, topic names)."""
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """A PLC's request to inspect the next frame."""
-
-    part_id: str
-    received: float  # wall clock (time.time()) when the trigger arrived
-    response_topic: str | None = None  # MQTT v5 request/response
-    correlation_data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -144,35 +134,6 @@ def read_password(name: str) -> str:
         return os.environ[name]
     where = f"{folder}/{name}" if folder else "$CREDENTIALS_DIRECTORY/" + name + " (CREDENTIALS_DIRECTORY is not set)"
     raise MqttError(f"mqtt.password_credential {name!r} not found: neither {where} nor environment variable {name}")
-
-
-def parse_trigger(payload: bytes) -> str:
-    """The part id in a trigger payload: JSON ``{"part_id": ...}``, a JSON string/number, or plain text.
-
-    Raises ValueError saying what is wrong.
-    """
-    try:
-        text = payload.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ValueError("payload is not UTF-8 text") from None
-    if not text:
-        raise ValueError("payload is empty; send {\"part_id\": \"...\"} or the part id as plain text")
-    try:
-        value: Any = json.loads(text)
-    except ValueError:
-        if text[0] in "{[\"":
-            raise ValueError("payload looks like JSON but does not parse") from None
-        value = text
-    if isinstance(value, dict):
-        if "part_id" not in value:
-            raise ValueError("JSON object has no part_id")
-        value = value["part_id"]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"part_id must be a string or an integer, got {type(value).__name__}")
-    part_id = str(value).strip()
-    if not part_id or len(part_id) > MAX_PART_ID or not part_id.isprintable():
-        raise ValueError(f"part_id must be 1..{MAX_PART_ID} printable characters")
-    return part_id
 
 
 def _guarded(callback: Callable[..., None]) -> Callable[..., None]:

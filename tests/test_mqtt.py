@@ -25,8 +25,9 @@ from paho.mqtt.properties import Properties
 
 from patchline.runtime.config import MqttConfig, TlsConfig
 from patchline.runtime.decision import Decision
-from patchline.runtime.mqtt import MqttError, MqttSink, Topics, Trigger, parse_trigger, read_password
+from patchline.runtime.mqtt import MqttError, MqttSink, Topics, read_password
 from patchline.runtime import verdict as verdict_module
+from patchline.runtime.triggers import Trigger, parse_trigger
 from patchline.runtime.verdict import SCHEMA_PATH, SeqCounter, epoch_seconds, iso_utc, make_verdict
 from tests.broker import Mosquitto, free_port
 from tests.conftest import fill
