@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from patchline.runtime.bench import summarise, write_result  # noqa: E402
 from patchline.runtime.config import MqttConfig  # noqa: E402
-from patchline.runtime.mqtt import MqttSink, Topics  # noqa: E402
+from patchline.runtime.sinks.mqtt.sink import MqttSink  # noqa: E402
+from patchline.runtime.sinks.mqtt.topics import Topics  # noqa: E402
 from patchline.runtime.verdict import SeqCounter  # noqa: E402
 from tests.broker import Mosquitto  # noqa: E402
 from tests.mqtt_child import CAMERA, sample_verdict  # noqa: E402

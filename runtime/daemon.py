@@ -33,7 +33,7 @@ from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InO
 from patchline.runtime.gpu_preflight import preflight
 from patchline.runtime.inspector import Inspection, Inspector
 from patchline.runtime.metrics import Metrics, MetricsServer
-from patchline.runtime.mqtt import MqttSink
+from patchline.runtime.sinks import open_sinks
 from patchline.runtime.sources import EndOfStream, Frame, SourceConfigError, open_source
 from patchline.runtime.systemd import Notifier
 from patchline.runtime.triggers import Trigger, TriggeredFrames
@@ -72,12 +72,12 @@ class Daemon:
                                        precision=config.precision, device=config.device, threads=config.threads,
                                        tensorrt=config.tensorrt)
         self.seq = SeqCounter(state / f"{config.camera}.seq")
-        self.sink = MqttSink(config.mqtt, config.camera, state, on_trigger=self._on_trigger, disk=self.disk)
+        (self.sink,) = open_sinks(config, self._on_trigger, self.disk)  # MQTT's, the one sink today
         self.publisher = InOrder(self.sink.publish_verdict)
         evidence = config.evidence
         self.evidence = (EvidenceStore(evidence.dir or state / "evidence", evidence.quota_mb, evidence.format,
                                        evidence.min_free_mb, self.disk) if evidence.enabled else None)
-        self.metrics = Metrics(config.camera, self.source, self.sink, self.evidence, self.disk)
+        self.metrics = Metrics(config.camera, self.source, [self.sink], self.evidence, self.disk)
         self.frames = (TriggeredFrames(self.source, config.trigger.timeout_s, config.trigger.max_pending)
                        if config.mode == "trigger" else None)
         self.stop_requested = threading.Event()
@@ -128,7 +128,7 @@ class Daemon:
         ready = False
         while not self.stop_requested.is_set():
             if self.sink.fatal_error:
-                log.error("MQTT: %s; exiting", self.sink.fatal_error)
+                log.error("%s; exiting", self.sink.fatal_error)
                 return EXIT_CONFIG
             try:
                 if self.frames is None:
@@ -167,10 +167,9 @@ class Daemon:
         self.seq.close()
         c, counts = self.source.counters, self.metrics.verdicts
         log.info("%s after %.0f s: %d frames, %d OK + %d NG verdicts, %d without a verdict (errors), %d skipped, %d lost, "
-                 "%d corrupt, %d stalls, %d source reconnects, %d MQTT reconnects, %d verdicts dropped",
+                 "%d corrupt, %d stalls, %d source reconnects",
                  "stopped" if availability == "stopped" else "ended", time.monotonic() - self.metrics.started, c.frames, counts["OK"], counts["NG"],
-                 sum(self.metrics.inspection_errors.values()), c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
-                 self.sink.reconnects, self.sink.dropped)
+                 sum(self.metrics.inspection_errors.values()), c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects)
         if self.server is not None:
             self.server.close()
         self.notifier.close()
@@ -259,9 +258,7 @@ class Daemon:
 
     def status(self) -> str:
         counts = self.metrics.verdicts
-        broker = "connected" if self.sink.connected else "disconnected"
-        return (f"{self.metrics.fps.per_second():.1f} fps, broker {broker}, queue {self.sink.queue_depth}, "
-                f"{counts['OK']} OK / {counts['NG']} NG")
+        return f"{self.metrics.fps.per_second():.1f} fps, {self.sink.status()}, {counts['OK']} OK / {counts['NG']} NG"
 
     def _heartbeat(self) -> None:
         self.notifier.watchdog()
@@ -274,5 +271,4 @@ class Daemon:
     def health(self) -> tuple[bool, dict]:
         age = self.source.last_frame_age
         healthy = age is not None and age < self.config.metrics.health_max_frame_age_s
-        return healthy, {"last_frame_age_s": None if age is None else round(age, 3),
-                         "mqtt_connected": self.sink.connected, "queue_depth": self.sink.queue_depth}
+        return healthy, {"last_frame_age_s": None if age is None else round(age, 3), **self.sink.health()}

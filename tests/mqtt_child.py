@@ -12,7 +12,7 @@ from pathlib import Path
 
 from patchline.runtime.config import MqttConfig
 from patchline.runtime.decision import Decision
-from patchline.runtime.mqtt import MqttSink
+from patchline.runtime.sinks.mqtt.sink import MqttSink
 from patchline.runtime.verdict import make_verdict
 
 CAMERA = "cam1"
@@ -39,7 +39,7 @@ def main() -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         spooled = len(list(sink.spool_dir.glob("*.json")))
-        if (sink.connected if count == 0 else spooled == spooled_before + count):
+        if (sink.delivery.connected if count == 0 else spooled == spooled_before + count):
             print("ready", flush=True)
             break
         time.sleep(0.02)

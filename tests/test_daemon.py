@@ -234,7 +234,8 @@ def test_notify_watchdog_health_metrics_and_sigterm(tmp_path, mosquitto, subscri
     # While the engine loads and warms up, the start timeout is pushed out (a first TensorRT build takes minutes).
     extended = [t for t, n in notes if "EXTEND_TIMEOUT_USEC=60000000" in n]
     assert extended and max(extended) < ready_at
-    assert get("/healthz")[0] == 200
+    status, health = get("/healthz")
+    assert status == 200 and set(json.loads(health)) == {"healthy", "last_frame_age_s", "mqtt_connected", "queue_depth"}
     gone_at = wait(lambda: time.monotonic() if get("/healthz")[0] == 503 else None)
     wait(lambda: get("/healthz")[0] == 200)  # reconnected, frames again
     pings = [t for t, n in notes if n == "WATCHDOG=1"]
@@ -469,7 +470,7 @@ def test_a_scrape_shows_the_same_metric_families_and_the_sinks_counts(tmp_path, 
     from patchline.runtime.config import MqttConfig
     from patchline.runtime.disk_writes import DiskWrites
     from patchline.runtime.metrics import Metrics, MetricsServer
-    from patchline.runtime.mqtt import MqttSink
+    from patchline.runtime.sinks.mqtt.sink import MqttSink
     from tests.mqtt_child import sample_verdict
 
     disk = DiskWrites()
@@ -478,7 +479,7 @@ def test_a_scrape_shows_the_same_metric_families_and_the_sinks_counts(tmp_path, 
     source = open_source(config.source, memory=tmp_path / "inspected", disk=disk)
     sink = MqttSink(MqttConfig(port=mosquitto.port), CAMERA, tmp_path, disk=disk)
     evidence = EvidenceStore(tmp_path / "evidence", 1, "png", 1, disk)
-    metrics = Metrics(CAMERA, source, sink, evidence, disk)
+    metrics = Metrics(CAMERA, source, [sink], evidence, disk)
     server = MetricsServer(metrics.registry, lambda: (True, {}), "127.0.0.1", 0)
     # A sample in every family, so that the scrape shows each one's labels.
     metrics.inspected(0.01, "OK")
@@ -491,7 +492,7 @@ def test_a_scrape_shows_the_same_metric_families_and_the_sinks_counts(tmp_path, 
         for seq in (1, 2, 3):
             sink.publish_verdict(sample_verdict(seq))
         deadline = time.monotonic() + 10
-        while sink.delivered < 3 and time.monotonic() < deadline:
+        while sink.delivery.delivered < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
             families = list(text_string_to_metric_families(response.read().decode()))

@@ -112,7 +112,7 @@ def test_every_runtime_module_imports_without_torch() -> None:
     code = """
 import pkgutil, sys, importlib
 import patchline.runtime as runtime
-names = [m.name for m in pkgutil.iter_modules(runtime.__path__, "patchline.runtime.")]
+names = [m.name for m in pkgutil.walk_packages(runtime.__path__, "patchline.runtime.")]
 for name in names:
     importlib.import_module(name)
 print(len(names), sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules))
