@@ -35,7 +35,8 @@ from paho.mqtt import __version__ as paho_version
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from patchline.runtime.config import MqttConfig
-from patchline.runtime.mqtt import MqttSink, Topics
+from patchline.runtime.sinks.mqtt.sink import MqttSink
+from patchline.runtime.sinks.mqtt.topics import Topics
 from patchline.runtime.tools.bench import summarise, write_result
 from patchline.runtime.tools.broker import Mosquitto
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict

@@ -1,6 +1,6 @@
 """One camera of a line: frames in, verdicts out, on a thread of its own.
 
-    source → SharedModel (batched with the other cameras of its model) → decide → make_verdict → MqttSink
+    source → SharedModel (batched with the other cameras of its model) → decide → make_verdict → its sink(s)
                                                                                   (and NG evidence)
 
 Modes: ``continuous`` inspects the newest frame whenever the model is free (older frames are dropped by
@@ -31,9 +31,9 @@ from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InOrder
 from patchline.runtime.inspector import Inspection
 from patchline.runtime.metrics import Metrics
-from patchline.runtime.mqtt import MqttSink, Trigger
+from patchline.runtime.sinks import open_sinks
 from patchline.runtime.sources import EndOfStream, Frame, SourceConfigError, open_source
-from patchline.runtime.triggers import TriggeredFrames
+from patchline.runtime.triggers import Trigger, TriggeredFrames
 from patchline.runtime.verdict import SeqCounter, make_verdict
 
 log = logging.getLogger("patchline.camera")
@@ -58,12 +58,12 @@ class Camera:
         self.disk = DiskWrites()
         self.source = open_source(config.source, memory=state / f"{self.name}.inspected", disk=self.disk)
         self.seq = SeqCounter(state / f"{self.name}.seq")
-        self.sink = MqttSink(line.mqtt, self.name, state, on_trigger=self._on_trigger, disk=self.disk)
+        (self.sink,) = open_sinks(line, self.name, self._on_trigger, self.disk)
         self.publisher = InOrder(self.sink.publish_verdict)
         evidence = config.evidence
         self.evidence = (EvidenceStore(evidence.dir or evidence_dir, evidence.quota_mb, evidence.format,
                                        evidence.min_free_mb, self.disk) if evidence.enabled else None)
-        self.metrics = Metrics(self.name, self.source, self.sink, self.evidence, self.disk, inference)
+        self.metrics = Metrics(self.name, self.source, [self.sink], self.evidence, self.disk, inference)
         self.frames = (TriggeredFrames(self.source, config.trigger.timeout_s, config.trigger.max_pending)
                        if config.mode == "trigger" else None)
         self.stop_requested = threading.Event()
@@ -119,8 +119,8 @@ class Camera:
         while not self.stop_requested.is_set():
             self.alive_at = time.monotonic()
             if self.sink.fatal_error:
-                log.error("camera %s: MQTT: %s; this camera stops", self.name, self.sink.fatal_error)
-                return f"MQTT: {self.sink.fatal_error}", EXIT_CONFIG
+                log.error("camera %s: %s; this camera stops", self.name, self.sink.fatal_error)
+                return self.sink.fatal_error, EXIT_CONFIG
             try:
                 if self.frames is None:
                     frame = self.source.read(READ_TIMEOUT_S)
@@ -160,11 +160,10 @@ class Camera:
         self.seq.close()
         c, counts = self.source.counters, self.metrics.verdicts
         log.info("camera %s %s after %.0f s: %d frames, %d OK + %d NG verdicts, %d without a verdict (errors), "
-                 "%d skipped, %d lost, %d corrupt, %d stalls, %d source reconnects, %d MQTT reconnects, "
-                 "%d verdicts dropped", self.name, "stopped" if availability == "stopped" else "ended",
-                 time.monotonic() - self.metrics.started, c.frames, counts["OK"], counts["NG"],
-                 sum(self.metrics.inspection_errors.values()), c.skipped, c.lost, c.corrupt, c.stalls, c.reconnects,
-                 self.sink.reconnects, self.sink.dropped)
+                 "%d skipped, %d lost, %d corrupt, %d stalls, %d source reconnects", self.name,
+                 "stopped" if availability == "stopped" else "ended", time.monotonic() - self.metrics.started,
+                 c.frames, counts["OK"], counts["NG"], sum(self.metrics.inspection_errors.values()), c.skipped,
+                 c.lost, c.corrupt, c.stalls, c.reconnects)
 
     # -- one frame -------------------------------------------------------------------------------
 
@@ -246,13 +245,11 @@ class Camera:
 
     def status(self) -> str:
         counts = self.metrics.verdicts
-        broker = "connected" if self.sink.connected else "disconnected"
-        return (f"{self.name} {self.metrics.fps.per_second():.1f} fps, broker {broker}, queue {self.sink.queue_depth}, "
+        return (f"{self.name} {self.metrics.fps.per_second():.1f} fps, {self.sink.status()}, "
                 f"{counts['OK']} OK / {counts['NG']} NG")
 
     def health(self, max_frame_age_s: float) -> tuple[bool, dict]:
         age = self.source.last_frame_age
         healthy = age is not None and age < max_frame_age_s and not self.closed
-        return healthy, {"last_frame_age_s": None if age is None else round(age, 3),
-                         "mqtt_connected": self.sink.connected, "queue_depth": self.sink.queue_depth,
+        return healthy, {"last_frame_age_s": None if age is None else round(age, 3), **self.sink.health(),
                          **({"ended": self.ended} if self.ended else {})}

@@ -344,7 +344,6 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     from patchline.runtime.config import load_line_config
     from patchline.runtime.daemon import EXIT_CONFIG, Daemon
-    from patchline.runtime.mqtt import MqttError
     from patchline.runtime.sources import SourceConfigError
 
     # What is refused here is a configuration problem that a restart cannot fix: EX_CONFIG, no restart loop.
@@ -357,8 +356,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         signal.signal(signal.SIGINT, daemon.request_stop)
         signal.signal(signal.SIGHUP, daemon.updates.request_reload)
         daemon.start()
-    except (ConfigError, ArtifactError, SourceConfigError, MqttError, OSError, ValueError, GpuUnavailable,
-            MemoryError) as exc:
+    except (ConfigError, ArtifactError, SourceConfigError, OSError, ValueError, GpuUnavailable, MemoryError) as exc:
         if daemon is not None:
             daemon.shutdown()
         log.error("cannot start: %s", str(exc) or type(exc).__name__)

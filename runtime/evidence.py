@@ -33,7 +33,7 @@ from patchline.runtime.overlay import encode_rgb, heatmap_overlay
 from patchline.runtime.verdict import iso_utc
 
 if TYPE_CHECKING:
-    from patchline.runtime.mqtt import Trigger
+    from patchline.runtime.triggers import Trigger
 
 log = logging.getLogger("patchline.evidence")
 BACKLOG = 8  # NG frames waiting to be written; beyond this, evidence is dropped

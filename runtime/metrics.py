@@ -1,7 +1,7 @@
 """Prometheus metrics and the health endpoint of a running daemon.
 
-Counters that the source and the MQTT sink keep themselves are read at scrape time (a
-collector), so there is one count of each thing, not a copy that could drift.
+Counters that the source and the sinks keep themselves are read at scrape time (a collector;
+each sink contributes its own families), so there is one count of each thing, not a copy that could drift.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
@@ -21,8 +22,10 @@ from prometheus_client.registry import Collector
 from patchline.runtime.config import ConfigError
 from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.evidence import EvidenceStore
-from patchline.runtime.mqtt import MqttSink
 from patchline.runtime.sources import FrameSource
+
+if TYPE_CHECKING:
+    from patchline.runtime.sinks import Sink
 
 # Inference on a CPU edge box takes 20 ms to a few seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -60,7 +63,7 @@ def inference_histogram(registry: CollectorRegistry) -> Histogram:
 class Metrics:
     """All metrics of one camera (labels ``camera=``); a line's ``LineCollector`` serves them with the others'."""
 
-    def __init__(self, camera: str, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None,
+    def __init__(self, camera: str, source: FrameSource, sinks: Sequence[Sink], evidence: EvidenceStore | None,
                  disk: DiskWrites, inference: Histogram) -> None:
         self.camera = camera
         self.started = time.monotonic()
@@ -69,7 +72,7 @@ class Metrics:
         self.trigger_errors: dict[str, int] = {}
         self.inspection_errors: dict[str, int] = {}
         self.inference = inference.labels(camera)
-        self.collected = _Collected(self, source, sink, evidence, disk)
+        self.collected = _Collected(self, source, sinks, evidence, disk)
 
     def inspected(self, seconds: float, verdict: str) -> None:
         self.fps.tick()
@@ -83,15 +86,24 @@ class Metrics:
         self.inspection_errors[reason] = self.inspection_errors.get(reason, 0) + 1
 
 
+def per_camera(family: type[CounterMetricFamily | GaugeMetricFamily], camera: str,
+               values: dict[str, tuple[str, float]]) -> Iterator[Metric]:
+    """A family of ``family``'s type for each ``name: (help, value)``, its one sample labelled with ``camera``."""
+    for name, (text, value) in values.items():
+        metric = family(name, text, labels=["camera"])
+        metric.add_metric([camera], value)
+        yield metric
+
+
 class _Collected(Collector):
-    def __init__(self, metrics: Metrics, source: FrameSource, sink: MqttSink, evidence: EvidenceStore | None,
+    def __init__(self, metrics: Metrics, source: FrameSource, sinks: Sequence[Sink], evidence: EvidenceStore | None,
                  disk: DiskWrites) -> None:
-        self.metrics, self.source, self.sink, self.evidence, self.disk = metrics, source, sink, evidence, disk
+        self.metrics, self.source, self.sinks, self.evidence, self.disk = metrics, source, sinks, evidence, disk
 
     def collect(self) -> Iterator[Metric]:
         camera = self.metrics.camera
         c = self.source.counters
-        counters = {
+        yield from per_camera(CounterMetricFamily, camera, {
             "patchline_frames": ("Frames delivered by the source", c.frames),
             "patchline_frames_skipped": ("Frames replaced by a newer one before inspection (newest wins)", c.skipped),
             "patchline_frames_lost": ("Frames missing from the stream: rejected by the decoder or lost in transport",
@@ -102,21 +114,10 @@ class _Collected(Collector):
                                             c.unreadable),
             "patchline_source_stalls": ("Times the source delivered no frame within its timeout", c.stalls),
             "patchline_source_reconnects": ("Times the source was reopened after a failure", c.reconnects),
-            "patchline_mqtt_reconnects": ("Successful broker connections after the first", self.sink.reconnects),
-            "patchline_mqtt_delivered": ("Verdicts the broker acknowledged (every message of each), including ones "
-                                         "an earlier run left in the spool", self.sink.delivered),
-            "patchline_mqtt_recovered": ("Verdicts an earlier run left in the spool, found at start",
-                                         self.sink.recovered),
-            "patchline_mqtt_dropped": ("Verdicts that will never be delivered (overflow, age, refused)",
-                                       self.sink.dropped),
-        }
-        for name, (text, value) in counters.items():
-            family = CounterMetricFamily(name, text, labels=["camera"])
-            family.add_metric([camera], value)
-            yield family
+        })
         by_label = {
-            "patchline_verdicts": ("Verdicts made, by result (each handed to MQTT the moment it is counted; "
-                                   "made + recovered = delivered + dropped + queue depth)", "result",
+            "patchline_verdicts": ("Verdicts made, by result (each handed to the sinks the moment it is counted; "
+                                   "made + recovered = a sink's delivered + dropped + queue depth)", "result",
                                    self.metrics.verdicts),
             "patchline_trigger_errors": ("Triggers answered on the error topic, by reason", "reason",
                                          self.metrics.trigger_errors),
@@ -140,18 +141,14 @@ class _Collected(Collector):
             family.add_metric([camera, what, error], value)
         yield family
         age = self.source.last_frame_age
-        gauges = {
+        yield from per_camera(GaugeMetricFamily, camera, {
             "patchline_fps": ("Frames inspected per second over the last 10 s", self.metrics.fps.per_second()),
-            "patchline_mqtt_queue_depth": ("Verdicts not yet acknowledged by the broker", self.sink.queue_depth),
-            "patchline_mqtt_connected": ("1 while connected to the broker", float(self.sink.connected)),
             "patchline_uptime_seconds": ("Seconds since the daemon started", time.monotonic() - self.metrics.started),
             "patchline_last_frame_age_seconds": ("Seconds since the last frame (NaN before the first)",
                                                  float("nan") if age is None else age),
-        }
-        for name, (text, value) in gauges.items():
-            family = GaugeMetricFamily(name, text, labels=["camera"])
-            family.add_metric([camera], value)
-            yield family
+        })
+        for sink in self.sinks:
+            yield from sink.collect(camera)
 
 
 class LineCollector(Collector):

@@ -8,20 +8,64 @@ but read before the trigger was registered. Triggers are answered in the order t
 one not inspected within ``timeout_s`` of its arrival is given up with the truth:
 ``no_frame`` when no frame came at or after it, ``model_busy`` when its frame was there but
 the model was busy with earlier triggers.
+
+``Trigger`` and ``parse_trigger`` are the input side every protocol shares: a sink that takes triggers (MQTT
+today) parses its payloads here and hands each ``Trigger`` to the daemon.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
-from patchline.runtime.mqtt import Trigger
 from patchline.runtime.sources import Frame, FrameSource
 
 RING = 8  # recent frames kept for triggers registered after their frame was read
 READ_TIMEOUT_S = 0.5  # the reader checks for stop at least this often
+MAX_PART_ID = 128
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A PLC's request to inspect the next frame."""
+
+    part_id: str
+    received: float  # wall clock (time.time()) when the trigger arrived
+    response_topic: str | None = None  # MQTT v5 request/response
+    correlation_data: bytes | None = None
+
+
+def parse_trigger(payload: bytes) -> str:
+    """The part id in a trigger payload: JSON ``{"part_id": ...}``, a JSON string/number, or plain text.
+
+    Raises ValueError saying what is wrong.
+    """
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError("payload is not UTF-8 text") from None
+    if not text:
+        raise ValueError("payload is empty; send {\"part_id\": \"...\"} or the part id as plain text")
+    try:
+        value: Any = json.loads(text)
+    except ValueError:
+        if text[0] in "{[\"":
+            raise ValueError("payload looks like JSON but does not parse") from None
+        value = text
+    if isinstance(value, dict):
+        if "part_id" not in value:
+            raise ValueError("JSON object has no part_id")
+        value = value["part_id"]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"part_id must be a string or an integer, got {type(value).__name__}")
+    part_id = str(value).strip()
+    if not part_id or len(part_id) > MAX_PART_ID or not part_id.isprintable():
+        raise ValueError(f"part_id must be 1..{MAX_PART_ID} printable characters")
+    return part_id
 
 
 @dataclass

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from patchline.runtime.config import MqttConfig
-from patchline.runtime.mqtt import MqttSink
+from patchline.runtime.sinks.mqtt.sink import MqttSink
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         spooled = len(list(sink.spool_dir.glob("*.json")))
-        if (sink.connected if count == 0 else spooled == spooled_before + count):
+        if (sink.delivery.connected if count == 0 else spooled == spooled_before + count):
             print("ready", flush=True)
             break
         time.sleep(0.02)

@@ -10,7 +10,7 @@ import pytest
 
 from patchline.runtime import atomic_write
 from patchline.runtime.atomic_write import write_atomically
-from patchline.runtime.spool import Spool
+from patchline.runtime.sinks.mqtt.spool import Spool
 from tests.conftest import fill
 
 

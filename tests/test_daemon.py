@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -249,11 +250,13 @@ def test_notify_watchdog_health_metrics_and_sigterm(tmp_path, mosquitto, subscri
     # While the engine loads and warms up, the start timeout is pushed out (a first TensorRT build takes minutes).
     extended = [t for t, n in notes if "EXTEND_TIMEOUT_USEC=60000000" in n]
     assert extended and max(extended) < ready_at
-    assert get("/healthz")[0] == 200
+    status, health = get("/healthz")
+    assert status == 200 and set(json.loads(health)) == {"healthy", "cameras"}
+    assert set(json.loads(health)["cameras"][CAMERA]) == {"last_frame_age_s", "mqtt_connected", "queue_depth"}
     gone_at = wait(lambda: time.monotonic() if get("/healthz")[0] == 503 else None)
     wait(lambda: get("/healthz")[0] == 200)  # reconnected, frames again
-    pings = [t for t, n in notes if n == "WATCHDOG=1"]
-    assert sum(t > gone_at for t in pings) >= 2  # the loop kept pinging while the source was away
+    # The pings went on while the source was away (a loaded CI box may answer /healthz late: wait for them).
+    wait(lambda: sum(t > gone_at for t, n in notes if n == "WATCHDOG=1") >= 2, timeout=10)
     status, metrics = get("/metrics")
     assert status == 200
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and line[0] != "#"}
@@ -365,14 +368,15 @@ def test_a_crash_is_not_a_clean_stop(tmp_path, mosquitto, subscriber, calibrated
     config = run_config(tmp_path, calibrated_artifact, mosquitto.port,
                         {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.1})
     crash_on_second_frame = (  # a bug cannot be provoked from outside: it is put in, in the daemon's process
-        "import sys\n"
+        "import sys, threading\n"
         "from patchline.runtime import cli, inspector\n"
         "real = inspector.Inspector.inspect_batch\n"
-        "calls = []\n"
+        "frames = []\n"
         "def inspect_batch(self, images):\n"
-        "    calls.append(1)\n"
-        "    if len(calls) == 3:  # the warm-up, the first frame, the second\n"
-        "        raise ZeroDivisionError('injected bug')\n"
+        "    if threading.current_thread().name.startswith('model-'):  # frames, not the self-test or warm-up\n"
+        "        frames.append(1)\n"
+        "        if len(frames) == 2:\n"
+        "            raise ZeroDivisionError('injected bug')\n"
         "    return real(self, images)\n"
         "inspector.Inspector.inspect_batch = inspect_batch\n"
         "cli.main(['run', '--config', sys.argv[1]])\n")
@@ -389,7 +393,7 @@ def test_a_crash_is_not_a_clean_stop(tmp_path, mosquitto, subscriber, calibrated
     assert "Traceback" in output and "all verdicts delivered; availability 'offline' published" in output
     assert "'stopped'" not in output
     assert [v["seq"] for v in subscriber.verdicts()] == [1]
-    subscriber.wait_for(lambda: subscriber.on("available")[-1].payload == b"offline")
+    subscriber.wait_for(lambda: subscriber.on("available")[-1].payload == b"offline", timeout=10)
     assert [m.payload for m in subscriber.on("available")] == [b"online", b"offline"]
 
 
@@ -449,6 +453,87 @@ def test_a_busy_metrics_port_names_the_setting():
             MetricsServer(CollectorRegistry(), lambda: (True, {}), "127.0.0.1", port)
     finally:
         taken.close()
+
+
+# What a scrape showed before the sinks had an interface of their own: dashboards and alerts depend on these.
+SCRAPED_FAMILIES = {
+    ("patchline_disk_write_failures", "counter", ("camera", "error", "what")),
+    ("patchline_evidence", "counter", ("camera", "outcome")),
+    ("patchline_fps", "gauge", ("camera",)),
+    ("patchline_frames", "counter", ("camera",)),
+    ("patchline_frames_corrupt", "counter", ("camera",)),
+    ("patchline_frames_lost", "counter", ("camera",)),
+    ("patchline_frames_skipped", "counter", ("camera",)),
+    ("patchline_inference_seconds", "histogram", ("camera",)),
+    ("patchline_inspection_errors", "counter", ("camera", "reason")),
+    ("patchline_last_frame_age_seconds", "gauge", ("camera",)),
+    ("patchline_mqtt_connected", "gauge", ("camera",)),
+    ("patchline_mqtt_delivered", "counter", ("camera",)),
+    ("patchline_mqtt_dropped", "counter", ("camera",)),
+    ("patchline_mqtt_queue_depth", "gauge", ("camera",)),
+    ("patchline_mqtt_reconnects", "counter", ("camera",)),
+    ("patchline_mqtt_recovered", "counter", ("camera",)),
+    ("patchline_model_batches", "counter", ("model",)),
+    ("patchline_model_frames", "counter", ("model",)),
+    ("patchline_source_reconnects", "counter", ("camera",)),
+    ("patchline_source_stalls", "counter", ("camera",)),
+    ("patchline_source_unreadable", "counter", ("camera",)),
+    ("patchline_trigger_errors", "counter", ("camera", "reason")),
+    ("patchline_uptime_seconds", "gauge", ("camera",)),
+    ("patchline_verdicts", "counter", ("camera", "result")),
+}
+
+
+def test_a_scrape_shows_the_same_metric_families_and_the_sinks_counts(tmp_path, mosquitto):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from patchline.runtime.config import MqttConfig
+    from patchline.runtime.disk_writes import DiskWrites
+    from prometheus_client import CollectorRegistry
+
+    from patchline.runtime.metrics import LineCollector, Metrics, MetricsServer, inference_histogram
+    from patchline.runtime.sinks.mqtt.sink import MqttSink
+    from patchline.runtime.tools.sample_verdict import sample_verdict
+
+    disk = DiskWrites()
+    config = RunConfig.model_validate({"camera": CAMERA, "artifact": str(tmp_path), "state_dir": str(tmp_path),
+                                       "source": {"kind": "folder", "path": str(tmp_path)}})
+    source = open_source(config.source, memory=tmp_path / "inspected", disk=disk)
+    sink = MqttSink(MqttConfig(port=mosquitto.port), CAMERA, tmp_path, disk=disk)
+    evidence = EvidenceStore(tmp_path / "evidence", 1, "png", 1, disk)
+    registry = CollectorRegistry()
+    metrics = Metrics(CAMERA, source, [sink], evidence, disk, inference_histogram(registry))
+    registry.register(LineCollector([metrics], lambda: {"resnet18-test": (2, 3)}))
+    server = MetricsServer(registry, lambda: (True, {}), "127.0.0.1", 0)
+    # A sample in every family, so that the scrape shows each one's labels.
+    metrics.inspected(0.01, "OK")
+    metrics.trigger_error("no_frame")
+    metrics.inspection_error("non_finite_score")
+    disk.failed("evidence", tmp_path, OSError(errno.ENOSPC, "No space left on device"), "not saved")
+    sink.start()
+    try:
+        assert sink.wait_connected(5)
+        for seq in (1, 2, 3):
+            sink.publish_verdict(sample_verdict(seq))
+        deadline = time.monotonic() + 10
+        while sink.delivery.delivered < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+            families = list(text_string_to_metric_families(response.read().decode()))
+    finally:
+        server.close()
+        sink.stop(flush_timeout=1)
+        evidence.close()
+        source.close()
+    # The histogram's _created is prometheus_client's own (PROMETHEUS_DISABLE_CREATED_SERIES turns it off).
+    shown = {(f.name, f.type, tuple(sorted({k for s in f.samples for k in s.labels} - {"le"}))) for f in families
+             if not f.name.endswith("_created")}
+    assert shown == SCRAPED_FAMILIES
+    values = {s.name: s.value for f in families for s in f.samples if s.labels == {"camera": CAMERA}}
+    assert {name: values[f"patchline_mqtt_{name}"] for name in ("delivered_total", "recovered_total", "dropped_total",
+                                                                "reconnects_total", "queue_depth", "connected")} == {
+        "delivered_total": 3, "recovered_total": 0, "dropped_total": 0, "reconnects_total": 0, "queue_depth": 0,
+        "connected": 1}
 
 
 @needs_gstreamer

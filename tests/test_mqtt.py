@@ -25,7 +25,10 @@ from paho.mqtt.properties import Properties
 
 from patchline.runtime.config import MqttConfig, TlsConfig
 from patchline.runtime.decision import Decision
-from patchline.runtime.mqtt import MqttError, MqttSink, Topics, Trigger, parse_trigger, read_password
+from patchline.runtime.sinks.mqtt.client import MqttError, read_password
+from patchline.runtime.sinks.mqtt.sink import MqttSink
+from patchline.runtime.sinks.mqtt.topics import Topics
+from patchline.runtime.triggers import Trigger, parse_trigger
 from patchline.runtime import verdict as verdict_module
 from patchline.runtime.tools import broker
 from patchline.runtime.tools.broker import Mosquitto, free_port
@@ -177,7 +180,7 @@ def test_verdicts_and_mirrors_arrive_in_order_with_availability(mosquitto: Mosqu
         assert m.qos == 1 and not m.retain
     assert received == expected
     assert listener.on(TOPICS.available) == [b"online", b"stopped"]
-    assert sink.delivered == 20 and sink.dropped == 0 and sink.queue_depth == 0
+    assert sink.delivery.delivered == 20 and sink.delivery.dropped == 0 and sink.delivery.queue_depth == 0
     assert not list(sink.spool_dir.iterdir())
     listener.close()
 
@@ -226,9 +229,10 @@ def test_a_stop_while_the_broker_is_away_never_leaves_online_behind(tmp_path: Pa
         sink = start_sink(open_sinks, broker.port, tmp_path / "state")
         assert sink.wait_connected(5)
         broker.stop()
-        with caplog.at_level(logging.INFO, logger="patchline.runtime.mqtt"):
+        with caplog.at_level(logging.INFO, logger="patchline.runtime.sinks.mqtt"):
             sink.stop(flush_timeout=1.0)
         assert "availability 'stopped' not published" in caplog.text
+        assert "0 reconnects, 0 verdicts dropped" in caplog.text  # the sink's own counts at the end of a run
         broker.start()
         assert retained_availability(broker.port) == b"offline"
 
@@ -248,7 +252,7 @@ def test_a_stop_while_the_broker_is_away_never_leaves_online_behind(tmp_path: Pa
         assert listener.wait(lambda ms: any(m.topic == TOPICS.verdict for m in ms))
         assert listener.verdict_seqs() == [1]
         assert b"online" not in listener.on(TOPICS.available)[1:]  # after the first connection: never again
-        assert sink.delivered == 1 and not list(sink.spool_dir.iterdir())
+        assert sink.delivery.delivered == 1 and not list(sink.spool_dir.iterdir())
         listener.close()
     finally:
         broker.stop()
@@ -276,13 +280,13 @@ def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, open_sinks) -> 
         broker.restart()
         producer.join()
         assert listener.wait(lambda ms: len({json.loads(m.payload)["seq"] for m in ms}) >= total, timeout=30), \
-            f"{len(set(listener.verdict_seqs()))} of {total} arrived; sink queue {sink.queue_depth}"
+            f"{len(set(listener.verdict_seqs()))} of {total} arrived; sink queue {sink.delivery.queue_depth}"
         first_seen_in_order(listener.verdict_seqs(), list(range(1, total + 1)))
-        assert sink.reconnects >= 1 and sink.dropped == 0
+        assert sink.delivery.reconnects >= 1 and sink.delivery.dropped == 0
         deadline = time.monotonic() + 5
-        while sink.queue_depth and time.monotonic() < deadline:
+        while sink.delivery.queue_depth and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert sink.queue_depth == 0 and not list(sink.spool_dir.glob("*.json"))
+        assert sink.delivery.queue_depth == 0 and not list(sink.spool_dir.glob("*.json"))
         listener.close()
     finally:
         broker.stop()
@@ -297,7 +301,7 @@ def test_spool_survives_sink_restarts_during_an_outage(mosquitto: Mosquitto, tmp
     for seq in range(1, 6):
         first.publish_verdict(sample_verdict(seq))
     first.stop(flush_timeout=0.3)
-    assert first.queue_depth == 5 and len(list(first.spool_dir.glob("*.json"))) == 5
+    assert first.delivery.queue_depth == 5 and len(list(first.spool_dir.glob("*.json"))) == 5
     # ... and so does a process killed outright.
     _child(mosquitto.port, state, 5, first_seq=6).kill()
     assert len(list(first.spool_dir.glob("*.json"))) == 10
@@ -313,7 +317,7 @@ def test_spool_survives_sink_restarts_during_an_outage(mosquitto: Mosquitto, tmp
     assert [int(p) for p in listener.on(TOPICS.mirror("seq"))] == list(range(1, 12))
     for payload in listener.on(TOPICS.verdict):
         VALIDATOR.validate(json.loads(payload))
-    assert third.delivered == 11 and not list(third.spool_dir.glob("*.json"))
+    assert third.delivery.delivered == 11 and not list(third.spool_dir.glob("*.json"))
     listener.close()
 
 
@@ -326,7 +330,7 @@ def test_unreadable_spool_files_are_counted_and_kept_aside(tmp_path: Path, caplo
     with caplog.at_level(logging.ERROR):
         sink.start()
     sink.stop(flush_timeout=0)
-    assert sink.drops["corrupt"] == 3 and sink.queue_depth == 0
+    assert sink.delivery.drops["corrupt"] == 3 and sink.delivery.queue_depth == 0
     assert sorted(p.name for p in sink.spool_dir.iterdir()) == [
         "000000000001.json.corrupt", "000000000002.json.corrupt", "notes.json.corrupt"]
     assert f"spool file {sink.spool_dir / 'notes.json'} is unreadable (not a spool file name" in caplog.text
@@ -342,10 +346,11 @@ def test_queue_bounds_drop_the_oldest_and_count_them(mosquitto: Mosquitto, tmp_p
     for seq in range(1, 4):
         aged.publish_verdict(sample_verdict(seq))
     deadline = time.monotonic() + 5
-    while (sink.dropped < 7 or aged.dropped < 3) and time.monotonic() < deadline:
+    while (sink.delivery.dropped < 7 or aged.delivery.dropped < 3) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sink.drops["overflow"] == 7 and sink.queue_depth == 5 and len(list(sink.spool_dir.glob("*.json"))) == 5
-    assert aged.drops["expired"] == 3 and aged.queue_depth == 0
+    assert sink.delivery.drops["overflow"] == 7 and sink.delivery.queue_depth == 5
+    assert len(list(sink.spool_dir.glob("*.json"))) == 5
+    assert aged.delivery.drops["expired"] == 3 and aged.delivery.queue_depth == 0
     assert any("dropped oldest" in r.getMessage() for r in caplog.records)
 
     mosquitto.start()
@@ -413,7 +418,7 @@ def test_triggers_v5_response_and_malformed_payloads(mosquitto: Mosquitto, tmp_p
     error_answer = [m for m in listener.messages if m.topic == "plc/answers"][1]
     assert error_answer.properties.CorrelationData == b"req-2"
     assert json.loads(error_answer.payload)["error"] == "malformed_trigger"
-    assert sink.connected and listener.on(TOPICS.mirror("part_id")) == [b"P-1"]
+    assert sink.delivery.connected and listener.on(TOPICS.mirror("part_id")) == [b"P-1"]
 
     # A trigger the daemon cannot answer (e.g. no frame in time) is answered with the error, also on v5.
     send(json.dumps({"part_id": "P-3"}), "plc/answers", b"req-3")
@@ -508,9 +513,9 @@ def test_tls_with_client_certificate(tmp_path: Path, open_sinks) -> None:
         assert sink.wait_connected(10), sink.fatal_error
         sink.publish_verdict(sample_verdict(1))
         deadline = time.monotonic() + 5
-        while sink.delivered < 1 and time.monotonic() < deadline:
+        while sink.delivery.delivered < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert sink.delivered == 1  # PUBACK received over TLS
+        assert sink.delivery.delivered == 1  # PUBACK received over TLS
 
         other_ca = _make_ca(tmp_path, "other-ca")
         untrusting = start_sink(open_sinks, broker.port, tmp_path / "state2", client_id="untrusting",

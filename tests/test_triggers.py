@@ -11,9 +11,8 @@ import time
 from pydantic import TypeAdapter
 
 from patchline.runtime.config import SourceConfig
-from patchline.runtime.mqtt import Trigger
 from patchline.runtime.sources import open_source
-from patchline.runtime.triggers import TriggeredFrames
+from patchline.runtime.triggers import Trigger, TriggeredFrames
 from tests.conftest import needs_gstreamer
 
 pytestmark = needs_gstreamer  # every test here runs a live GStreamer source
