@@ -38,7 +38,8 @@ from patchline.runtime.bench import summarise, write_result  # noqa: E402
 from patchline.runtime.config import RunConfig  # noqa: E402
 from patchline.runtime.daemon import Daemon  # noqa: E402
 from patchline.runtime.demo import write_video  # noqa: E402
-from patchline.runtime.sources import EndOfStream, open_source  # noqa: E402
+from patchline.runtime.sources import open_source  # noqa: E402
+from patchline.runtime.sources.base import EndOfStream  # noqa: E402
 from tests.broker import Mosquitto  # noqa: E402
 
 

@@ -33,7 +33,8 @@ from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InO
 from patchline.runtime.inspector import Inspection
 from patchline.runtime.metrics import Metrics
 from patchline.runtime.mqtt import MqttSink, Trigger
-from patchline.runtime.sources import EndOfStream, Frame, SourceConfigError, open_source
+from patchline.runtime.sources import open_source
+from patchline.runtime.sources.base import EndOfStream, Frame, SourceConfigError
 from patchline.runtime.triggers import TriggeredFrames
 from patchline.runtime.verdict import SeqCounter, make_verdict
 

@@ -22,7 +22,7 @@ from patchline.runtime.config import ConfigError
 from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.evidence import EvidenceStore
 from patchline.runtime.mqtt import MqttSink
-from patchline.runtime.sources import FrameSource
+from patchline.runtime.sources.base import FrameSource
 
 # Inference on a CPU edge box takes 20 ms to a few seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

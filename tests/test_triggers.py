@@ -10,9 +10,8 @@ import time
 
 from pydantic import TypeAdapter
 
-from patchline.runtime.config import SourceConfig
 from patchline.runtime.mqtt import Trigger
-from patchline.runtime.sources import open_source
+from patchline.runtime.sources import SourceConfig, open_source
 from patchline.runtime.triggers import TriggeredFrames
 from tests.conftest import needs_gstreamer
 
