@@ -56,8 +56,6 @@ class Camera:
         self.model = model
         self.artifact = artifact
         self.calibration = artifact.manifest.calibration
-        roi = config.source.roi
-        self.roi_offset = (roi.x, roi.y) if roi else (0, 0)
         state = Path(line.state_dir)
         self.disk = DiskWrites()
         self.source = open_source(config.source, memory=state / f"{self.name}.inspected", disk=self.disk)
@@ -203,7 +201,7 @@ class Camera:
         ng = decision.verdict == "NG"
         verdict = make_verdict(
             camera=self.name, seq=seq, timestamp=frame.captured, frame_age_s=done - frame.monotonic,
-            decision=decision, location=(x + self.roi_offset[0], y + self.roi_offset[1]), latency_ms=latency,
+            decision=decision, location=frame.to_source(x, y), latency_ms=latency,
             model_id=self.artifact.manifest.model_id, artifact_checksum=self.model.inspector.checksum,
             part_id=trigger.part_id if trigger else None,
             evidence_error=DISABLED if ng and self.evidence is None else None,

@@ -116,6 +116,7 @@ def test_folder_source_takes_new_images_oldest_first_and_skips_corrupt(tmp_path)
     assert [f.origin for f in got] == ["b.png", "a.png", "c.jpg"]
     assert [grey_index(f) for f in got] == [0, 1, 2]
     assert abs(got[0].captured - 1000) < 1.0  # a folder frame's capture time is the file's mtime
+    assert got[0].to_source(5, 7) == (5, 7)  # no roi: the image is the camera's frame
     assert src.counters.corrupt == 1 and not (inbox / "broken.png").exists()
     assert sorted(p.name for p in inbox.iterdir()) == ["notes.txt"]
 
@@ -140,6 +141,8 @@ def test_roi_crops_and_a_frame_that_does_not_contain_it_is_skipped(tmp_path):
     while frame is None:
         frame = src.read(1.0)
     assert np.array_equal(frame.image, image[20:68, 10:74])
+    # A point of the cropped image maps back to the camera's pixels (the verdict's location) with one call.
+    assert frame.to_source(0, 0) == (10, 20) and frame.to_source(63, 47) == (73, 67)
     while src.counters.corrupt == 0:
         assert src.read(1.0) is None
     cv2.imwrite(str(inbox / "y.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))

@@ -93,6 +93,11 @@ class Frame:
     captured: float  # wall-clock capture time (time.time() scale)
     monotonic: float  # the same instant on time.monotonic()'s scale, for ages and trigger matching
     origin: str = ""  # the file a folder frame came from
+    offset: tuple[int, int] = (0, 0)  # (x, y) of the image's top-left pixel in the source's frame: the ROI's corner
+
+    def to_source(self, x: int, y: int) -> tuple[int, int]:
+        """A point of ``image`` in the source's pixels (the camera's, before the ROI was cropped)."""
+        return x + self.offset[0], y + self.offset[1]
 
 
 @dataclass
@@ -156,15 +161,16 @@ def register(config: type[SourceSection]) -> Callable[[Opener], Opener]:
     return add
 
 
-def crop(image: np.ndarray, roi: RoiConfig | None) -> np.ndarray:
-    """The region of interest; CorruptFrame when the frame does not contain it (one odd file must not stop a line)."""
+def crop(image: np.ndarray, roi: RoiConfig | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The region of interest and its (x, y) offset in ``image``; CorruptFrame when the frame does not contain it
+    (one odd file must not stop a line)."""
     if roi is None:
-        return image
+        return image, (0, 0)
     height, width = image.shape[:2]
     if roi.x + roi.width > width or roi.y + roi.height > height:
         raise CorruptFrame(f"roi x={roi.x} y={roi.y} {roi.width}x{roi.height} lies outside the {width}x{height} "
                            "frame (check source.roi)")
-    return image[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width]
+    return image[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width], (roi.x, roi.y)
 
 
 def reconnect_delay(failures: int, min_s: float, max_s: float) -> float:
@@ -246,7 +252,7 @@ class FrameSource:
             if raw is None:
                 self._watchdog()
                 return None
-            image = self._usable(raw.image)
+            image, offset = self._usable(raw.image)
         except CorruptFrame as exc:
             return self._corrupt(str(exc), exc.subject or (raw.origin if raw is not None else None))
         except EndOfStream:
@@ -264,9 +270,9 @@ class FrameSource:
         index = self.counters.frames
         self.counters.frames += 1
         captured = time.time() - (time.monotonic() - raw.monotonic)
-        return Frame(image, index, captured, raw.monotonic, raw.origin)
+        return Frame(image, index, captured, raw.monotonic, raw.origin, offset)
 
-    def _usable(self, image: np.ndarray) -> np.ndarray:
+    def _usable(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         height, width = image.shape[:2]
         if height * width > self.config.max_pixels:
             raise CorruptFrame(f"{width}x{height} frame has more than source.max_pixels ({self.config.max_pixels}) "
