@@ -33,7 +33,8 @@ import cv2
 from patchline.runtime.artifact import read_manifest
 from patchline.runtime.config import RunConfig
 from patchline.runtime.daemon import Daemon
-from patchline.runtime.sources import EndOfStream, open_source
+from patchline.runtime.sources import open_source
+from patchline.runtime.sources.base import EndOfStream
 from patchline.runtime.tools.bench import summarise, write_result
 from patchline.runtime.tools.broker import Mosquitto
 from patchline.runtime.tools.demo import write_video

@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from patchline.runtime import sources
-from patchline.runtime.config import FolderSourceConfig
+from patchline.runtime.sources import folder as folder_source
 from patchline.runtime.tools.bench import summarise, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +34,13 @@ def measure(count: int, polls: int, parent: str | None) -> dict:
         folder, state = Path(tmp) / "inbox", Path(tmp) / "state"
         folder.mkdir()
         state.mkdir()
-        backend = sources.FolderBackend(FolderSourceConfig(kind="folder", path=str(folder), poll_interval_s=0.01),
-                                        memory=state / "cam.inspected")
+        backend = folder_source.FolderBackend(
+            folder_source.FolderSourceConfig(kind="folder", path=str(folder), poll_interval_s=0.01),
+            memory=state / "cam.inspected")
         for i in range(count):
             (folder / f"part{i:07d}.png").write_bytes(b"\x89PNG")
             backend._seen.add(f"part{i:07d}.png")
-        time.sleep(sources.CLOCK_SLACK_S + 0.1)  # the folder's mtime is old enough to be trusted
+        time.sleep(folder_source.CLOCK_SLACK_S + 0.1)  # the folder's mtime is old enough to be trusted
         backend._ready()  # the listing after the files came
 
         def timed(step) -> float:
@@ -79,7 +79,7 @@ def main() -> None:
         print(f"{r['files']:>7} files: idle poll {r['idle']['median_ms']:.3f} ms (p99 {r['idle']['p99_ms']:.3f}), "
               f"relist {r['relist']['median_ms']:.1f} ms (p99 {r['relist']['p99_ms']:.1f}), new file found in "
               f"{r['new_file']['median_ms']:.1f} ms (p99 {r['new_file']['p99_ms']:.1f})")
-    print(write_result("folder-poll", {"results": results, "relist_s": sources.RELIST_S}, args.out))
+    print(write_result("folder-poll", {"results": results, "relist_s": folder_source.RELIST_S}, args.out))
 
 
 if __name__ == "__main__":

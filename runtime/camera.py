@@ -32,7 +32,8 @@ from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InO
 from patchline.runtime.inspector import Inspection
 from patchline.runtime.metrics import Metrics
 from patchline.runtime.sinks import open_sinks
-from patchline.runtime.sources import EndOfStream, Frame, SourceConfigError, open_source
+from patchline.runtime.sources import open_source
+from patchline.runtime.sources.base import EndOfStream, Frame, SourceConfigError
 from patchline.runtime.triggers import Trigger, TriggeredFrames
 from patchline.runtime.verdict import SeqCounter, make_verdict
 
@@ -52,8 +53,6 @@ class Camera:
         self.config = config
         self.name = config.camera
         self.model = model
-        roi = config.source.roi
-        self.roi_offset = (roi.x, roi.y) if roi else (0, 0)
         state = Path(line.state_dir)
         self.disk = DiskWrites()
         self.source = open_source(config.source, memory=state / f"{self.name}.inspected", disk=self.disk)
@@ -199,7 +198,7 @@ class Camera:
         ng = decision.verdict == "NG"
         verdict = make_verdict(
             camera=self.name, seq=seq, timestamp=frame.captured, frame_age_s=done - frame.monotonic,
-            decision=decision, location=(x + self.roi_offset[0], y + self.roi_offset[1]), latency_ms=latency,
+            decision=decision, location=frame.to_source(x, y), latency_ms=latency,
             model_id=model.artifact.manifest.model_id, artifact_checksum=model.inspector.checksum,
             part_id=trigger.part_id if trigger else None,
             evidence_error=DISABLED if ng and self.evidence is None else None,

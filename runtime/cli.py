@@ -344,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     from patchline.runtime.config import load_line_config
     from patchline.runtime.daemon import EXIT_CONFIG, Daemon
-    from patchline.runtime.sources import SourceConfigError
+    from patchline.runtime.sources.base import SourceConfigError
 
     # What is refused here is a configuration problem that a restart cannot fix: EX_CONFIG, no restart loop.
     # That includes the GPU: no driver or device, TensorRT that cannot start on this driver, the kernel not

@@ -10,12 +10,13 @@ import difflib
 import os
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
+from patchline.runtime.config_section import Section
+from patchline.runtime.sources import SourceConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,10 +24,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # PatchCore's mean-mapping dimensions when a config leaves them out: its run_patchcore.py defaults for one
@@ -311,73 +308,6 @@ class MqttConfig(Section):
     queue_max_count: int = Field(10000, ge=1)  # verdicts held while the broker is unreachable
     queue_max_age_s: float = Field(3600.0, gt=0)
     spool_dir: str | None = None  # default: the daemon's state directory
-
-
-class RoiConfig(Section):
-    """Region of interest cropped from every frame before preprocessing, in source pixels."""
-
-    x: int = Field(0, ge=0)
-    y: int = Field(0, ge=0)
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-
-
-class SourceSection(Section):
-    roi: RoiConfig | None = None
-    # Larger frames are counted corrupt and skipped; folder and GStreamer sources read the size from an image's
-    # header and refuse it before decoding (a small file may declare gigapixels).
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-    # First frame after (re)opening; industrial cameras can take 40 s to start streaming. None: wait forever.
-    start_timeout_s: float | None = Field(40.0, gt=0)
-    # No frame for this long once frames flowed → a stall: counted, the source is reopened. None: never.
-    stall_timeout_s: float | None = Field(10.0, gt=0)
-    reconnect_min_s: float = Field(1.0, gt=0)  # backoff doubles from min to max between failed attempts
-    reconnect_max_s: float = Field(30.0, gt=0)
-
-    @model_validator(mode="after")
-    def _backoff_range(self) -> SourceSection:
-        if self.reconnect_min_s > self.reconnect_max_s:
-            raise ValueError(f"reconnect_min_s ({self.reconnect_min_s:g}) is larger than reconnect_max_s "
-                             f"({self.reconnect_max_s:g})")
-        return self
-
-
-class StreamSection(SourceSection):
-    # What the end of the stream means: stop the run (a file), play it again (loop a file), or reconnect (a camera).
-    at_end: Literal["stop", "loop", "reconnect"] = "reconnect"
-
-
-class GStreamerSourceConfig(StreamSection):
-    kind: Literal["gstreamer"]
-    # Everything up to the appsink, e.g. "filesrc location=x.avi ! decodebin"; the daemon appends
-    # "! videoconvert ! video/x-raw,format=RGB ! appsink drop=true max-buffers=1". A pipeline with its
-    # own appsink is used as written.
-    pipeline: str = Field(min_length=1)
-
-
-class OpenCVSourceConfig(StreamSection):
-    kind: Literal["opencv"]
-    uri: str = Field(min_length=1)  # file, rtsp://…, /dev/videoN or a device index, or a GStreamer pipeline
-    backend: Literal["auto", "ffmpeg", "gstreamer", "v4l2"] = "auto"
-    open_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(5.0, gt=0)
-
-
-class FolderSourceConfig(SourceSection):
-    """Images dropped into a folder: each new file once, oldest first (offline lines, tests)."""
-
-    kind: Literal["folder"]
-    path: str = Field(min_length=1)
-    poll_interval_s: float = Field(0.2, gt=0)
-    after_read: Literal["keep", "delete"] = "keep"
-    # An idle folder is normal on an offline line: no watchdog unless asked for.
-    start_timeout_s: float | None = Field(None, gt=0)
-    stall_timeout_s: float | None = Field(None, gt=0)
-
-
-SourceConfig = Annotated[
-    Union[GStreamerSourceConfig, OpenCVSourceConfig, FolderSourceConfig], Field(discriminator="kind")
-]
 
 
 class MetricsConfig(Section):

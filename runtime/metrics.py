@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from patchline.runtime.config import ConfigError
 from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.evidence import EvidenceStore
-from patchline.runtime.sources import FrameSource
+from patchline.runtime.sources.base import FrameSource
 
 if TYPE_CHECKING:
     from patchline.runtime.sinks import Sink

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from patchline.runtime.sources import Frame, FrameSource
+from patchline.runtime.sources.base import Frame, FrameSource
 
 RING = 8  # recent frames kept for triggers registered after their frame was read
 READ_TIMEOUT_S = 0.5  # the reader checks for stop at least this often

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
-from patchline.runtime.config import SourceConfig
-from patchline.runtime import sources
-from patchline.runtime.sources import (EndOfStream, SourceConfigError, open_source, opencv_has_gstreamer,
-                                       reconnect_delay)
+from patchline.runtime.sources import SourceConfig, base, folder, inspected_files, open_source
+from patchline.runtime.sources.base import EndOfStream, SourceConfigError, reconnect_delay
+from patchline.runtime.sources.opencv import opencv_has_gstreamer
 from patchline.runtime.tools.broker import free_port
 from patchline.runtime.tools.demo import write_video
 from tests.conftest import needs_gstreamer
@@ -118,6 +117,7 @@ def test_folder_source_takes_new_images_oldest_first_and_skips_corrupt(tmp_path)
     assert [f.origin for f in got] == ["b.png", "a.png", "c.jpg"]
     assert [grey_index(f) for f in got] == [0, 1, 2]
     assert abs(got[0].captured - 1000) < 1.0  # a folder frame's capture time is the file's mtime
+    assert got[0].to_source(5, 7) == (5, 7)  # no roi: the image is the camera's frame
     assert src.counters.corrupt == 1 and not (inbox / "broken.png").exists()
     assert sorted(p.name for p in inbox.iterdir()) == ["notes.txt"]
 
@@ -142,6 +142,8 @@ def test_roi_crops_and_a_frame_that_does_not_contain_it_is_skipped(tmp_path):
     while frame is None:
         frame = src.read(1.0)
     assert np.array_equal(frame.image, image[20:68, 10:74])
+    # A point of the cropped image maps back to the camera's pixels (the verdict's location) with one call.
+    assert frame.to_source(0, 0) == (10, 20) and frame.to_source(63, 47) == (73, 67)
     while src.counters.corrupt == 0:
         assert src.read(1.0) is None
     cv2.imwrite(str(inbox / "y.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
@@ -155,7 +157,7 @@ def test_folder_source_takes_hostile_files_and_symlink_loops_in_its_stride(tmp_p
     """Every file of the hostile corpus becomes a frame or is counted corrupt, and each corrupt one is named in the
     log however many come at once (the lines are throttled, not the names); entries that cannot be stat'ed or
     opened (a symlink loop, a folder named like an image, no read permission) are skipped, counted and named."""
-    monkeypatch.setattr(sources, "CORRUPT_LOG_INTERVAL_S", 0.5)
+    monkeypatch.setattr(base, "CORRUPT_LOG_INTERVAL_S", 0.5)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     rgb = np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8)
@@ -229,8 +231,6 @@ def test_gstreamer_drops_frames_whose_headers_lie_and_plays_on(tmp_path, stream)
 
 
 def test_folder_source_remembers_inspected_files_across_restarts(tmp_path, monkeypatch):
-    from patchline.runtime import inspected_files
-
     inbox, memory = tmp_path / "inbox", tmp_path / "state" / "cam1.inspected"
     inbox.mkdir()
     memory.parent.mkdir()
@@ -362,8 +362,8 @@ def test_folder_poll_lists_the_folder_only_when_it_changed_and_relists_every_few
     """An idle poll of a folder of inspected files looks at the folder's mtime only; a change of the folder is
     seen at the next poll; a file that arrives without changing the folder's mtime (a remote file system, a coarse
     clock: put back here with os.utime) is found by the listing the source makes every RELIST_S anyway."""
-    monkeypatch.setattr(sources, "RELIST_S", 3.0)
-    monkeypatch.setattr(sources, "CLOCK_SLACK_S", 0.2)
+    monkeypatch.setattr(folder, "RELIST_S", 3.0)
+    monkeypatch.setattr(folder, "CLOCK_SLACK_S", 0.2)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     image = cv2.imencode(".png", np.full((40, 60, 3), 128, np.uint8))[1].tobytes()

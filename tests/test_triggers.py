@@ -10,8 +10,7 @@ import time
 
 from pydantic import TypeAdapter
 
-from patchline.runtime.config import SourceConfig
-from patchline.runtime.sources import open_source
+from patchline.runtime.sources import SourceConfig, open_source
 from patchline.runtime.triggers import Trigger, TriggeredFrames
 from tests.conftest import needs_gstreamer
 
