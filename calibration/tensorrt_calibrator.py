@@ -80,7 +80,7 @@ def calibrate_engine(
     Returns the engine's path and whether it was built now (False: the same calibration's engine was cached).
     Calibration runs at the profile's opt batch, as TensorRT feeds it.
     """
-    from patchline.runtime.cuda_device import CudaDevice
+    from patchline.runtime.search.cuda_device import CudaDevice
     from patchline.runtime.trt_build import prepare_engine, require_int8_calibration, tensorrt_module
 
     if settings.precision != "int8" or not settings.calibration_cache:

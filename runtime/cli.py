@@ -16,12 +16,12 @@ from pathlib import Path
 
 from patchline.runtime.artifact import PRECISIONS, ArtifactError
 from patchline.runtime.config import CameraConfig, ConfigError, TensorRtConfig, load_any_config
-from patchline.runtime.cuda_device import GpuUnavailable
-from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
 from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
-from patchline.runtime.inspector import DISTANCES
 from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images, list_images
+from patchline.runtime.search import DISTANCES
+from patchline.runtime.search.cuda_device import GpuUnavailable
+from patchline.runtime.search.distance import NonFiniteError
 
 log = logging.getLogger("patchline")
 
@@ -83,7 +83,7 @@ def _settings(args: argparse.Namespace, options: dict[str, object]) -> tuple[Ten
 def _prepare_engine(artifact_dir: Path, settings: TensorRtConfig, device: str) -> dict[str, object]:
     """Build (or check) the TensorRT engine for an artifact on this machine's GPU."""
     from patchline.runtime.artifact import load_artifact
-    from patchline.runtime.cuda_device import CudaDevice
+    from patchline.runtime.search.cuda_device import CudaDevice
     from patchline.runtime.trt_build import prepare_engine
 
     artifact = load_artifact(artifact_dir)
@@ -319,7 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from patchline.runtime.bank_index import add_index, held_out_frames
+    from patchline.runtime.search.bank_index import add_index, held_out_frames
 
     held_out = held_out_frames(args.artifact, args.images) if args.images else None
     index = add_index(args.artifact, held_out)

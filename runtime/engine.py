@@ -16,8 +16,8 @@ import numpy as np
 
 from patchline.runtime.artifact import Artifact, ArtifactError
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.cuda_device import GpuUnavailable
-from patchline.runtime.distance import available_cores
+from patchline.runtime.search.cuda_device import GpuUnavailable
+from patchline.runtime.search.distance import available_cores
 from patchline.runtime.tensorrt_engine import TensorRtEngine
 
 

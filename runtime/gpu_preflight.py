@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from patchline.runtime.config import CameraConfig, ConfigError
-from patchline.runtime.cuda_device import device_index
+from patchline.runtime.search.cuda_device import device_index
 
 DROP_IN = "systemctl edit patchline@<camera>"
 NVIDIA_MODPROBE = ("the NVIDIA driver's nvidia-modprobe creates it: `sudo nvidia-modprobe -u -c={index}` (the camera's "

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
-from patchline.runtime.bank_index import index_for_this_machine
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.cuda_device import CudaDevice
-from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.engine import accepted_options, create_engine
 from patchline.runtime.score import MemoryBank, anomaly_map, image_score
+from patchline.runtime.search import distance_backend
+from patchline.runtime.search.bank_index import index_for_this_machine
+from patchline.runtime.search.cuda_device import CudaDevice
+from patchline.runtime.search.distance import NonFiniteError
 
 
 @dataclass
@@ -25,9 +26,6 @@ class Inspection:
     anomaly_map: np.ndarray  # (H, W) at the preprocessor's resize size
     location: tuple[int, int]  # (x, y) of the highest patch's centre, in the source image's pixels
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-DISTANCES = ("cpu", "cuda", "cuda-fp16")
 
 
 def require_finite(values: np.ndarray, what: str) -> None:
@@ -41,8 +39,8 @@ def require_finite(values: np.ndarray, what: str) -> None:
 class Inspector:
     """Scores RGB images with an artifact; one instance per camera/thread.
 
-    ``distance`` picks where patches meet the memory bank: "cpu" (numpy BLAS) or the CUDA
-    kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16"). ``precision``
+    ``distance`` picks where patches meet the memory bank, a backend of runtime/search: "cpu" (numpy BLAS) or
+    the CUDA kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16"). ``precision``
     picks the artifact's fp32 model or its INT8 one (``patchline quantize``). ``search`` is the
     CPU's nearest-row search: "auto" (what the artifact's measurement chose, measured again at load
     when it was measured on another processor or core count), "pruned" or "plain"
@@ -63,8 +61,7 @@ class Inspector:
         tensorrt: TensorRtConfig | None = None,
         **engine_options: object,
     ) -> None:
-        if distance not in DISTANCES:
-            raise ValueError(f"distance {distance!r}: expected one of {', '.join(DISTANCES)}")
+        search_on = distance_backend(distance)  # an unknown name is refused before a model is loaded
         accepted = accepted_options(engine)
         if precision != "fp32" and "model_file" not in accepted:
             raise ValueError(f"precision {precision} runs the artifact's quantised ONNX model on the onnxruntime "
@@ -89,20 +86,16 @@ class Inspector:
         index = index_for_this_machine(self.artifact)
         self.bank = MemoryBank(self.artifact.bank, index, search_dims, approximate, threads, str(self.artifact.folder),
                                search)
-        self.gpu_bank = None
-        if distance != "cpu":
-            from patchline.runtime.gpu_distance import GpuNearest
-
-            # The kernel runs on the TensorRT engine's GPU (ONNX Runtime's CUDA provider uses GPU 0, the default)
-            # and keeps its compiled modules in the configured engine cache.
-            gpu = getattr(self.engine, "device", None)
-            self.gpu_bank = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32",
-                                       gpu if isinstance(gpu, CudaDevice) else None, tensorrt and tensorrt.cache_dir)
+        # A GPU search runs on the TensorRT engine's GPU (ONNX Runtime's CUDA provider uses GPU 0, the default)
+        # and keeps its compiled kernels in the configured engine cache.
+        gpu = getattr(self.engine, "device", None)
+        self.distance = search_on(self.bank, gpu if isinstance(gpu, CudaDevice) else None,
+                                  tensorrt and tensorrt.cache_dir)
         self.num_neighbors = manifest.num_neighbors
 
     def close(self) -> None:
         """Free the GPU memory of the engine and the distance kernel now, in their context (see CudaDevice)."""
-        for part in (self.engine, self.gpu_bank):
+        for part in (self.engine, self.distance):
             if hasattr(part, "close"):
                 part.close()
 
@@ -126,7 +119,7 @@ class Inspector:
         require_finite(embeddings, f"the {self.engine.name} engine's patch embeddings")
         count, h, w, dim = embeddings.shape
         patches = embeddings.reshape(count, h * w, dim)
-        dist, idx = (self.gpu_bank or self.bank).nearest(patches.reshape(count * h * w, dim), 1)
+        dist, idx = self.distance.nearest(patches.reshape(count * h * w, dim), 1)
         dist, idx = dist[:, 0].reshape(count, h * w), idx[:, 0].reshape(count, h * w)
         require_finite(dist, "the patch distances (a square beyond float32's range)")
         t3 = clock()

@@ -40,7 +40,7 @@ class TensorRtEngine:
         tensorrt: TensorRtConfig | None = None,
         warm_up: bool = True,
     ) -> None:
-        from patchline.runtime.cuda_device import CudaDevice
+        from patchline.runtime.search.cuda_device import CudaDevice
         from patchline.runtime.trt_build import prepare_engine, tensorrt_module
 
         self.device = CudaDevice("cuda" if device == "auto" else device)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from patchline.runtime.artifact import Artifact, sha256_file
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.cuda_device import GpuUnavailable, driver_facts
+from patchline.runtime.search.cuda_device import GpuUnavailable, driver_facts
 from patchline.runtime.engine_cache import (EngineError, EngineKey, build_command, cache_directory, ensure_engine,
                                             gpu_tag, write_atomically)
 

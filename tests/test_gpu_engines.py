@@ -17,7 +17,7 @@ import pytest
 
 from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.cuda_device import GpuUnavailable, gpu_unavailable_reason
+from patchline.runtime.search.cuda_device import GpuUnavailable, gpu_unavailable_reason
 from patchline.runtime.engine import OnnxRuntimeEngine, accepted_options, create_engine, onnxruntime_providers
 from patchline.runtime.engine_cache import EngineError
 from patchline.runtime.inspector import Inspector
@@ -135,7 +135,7 @@ def test_tensorrt_int8_calibration_without_tensorrt_says_what_is_missing(small_a
 def test_gpu_libraries_are_imported_lazily() -> None:
     code = ("import sys\n"
             "import patchline.runtime.cli, patchline.runtime.engine, patchline.runtime.inspector\n"
-            "import patchline.runtime.gpu_distance, patchline.runtime.tensorrt_engine, patchline.runtime.trt_build\n"
+            "import patchline.runtime.search.gpu_distance, patchline.runtime.tensorrt_engine, patchline.runtime.trt_build\n"
             "import patchline.runtime.tools.bench_gpu\n"
             "print(sorted(m for m in ('tensorrt', 'pycuda', 'cupy', 'torch', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -211,8 +211,8 @@ def test_tensorrt_engine_refuses_to_build_when_disabled(small_artifact, tmp_path
 def test_inspector_on_gpu_scores_like_cpu(small_artifact, sample_data, tmp_path) -> None:
     settings = TensorRtConfig(precision="fp32", cache_dir=str(tmp_path))
     gpu = Inspector(small_artifact, engine="tensorrt", distance="cuda", tensorrt=settings)
-    assert gpu.gpu_bank.device is gpu.engine.device  # the kernel runs on the engine's GPU
-    assert gpu.gpu_bank.cache_dir == tmp_path / "kernels"  # and caches its modules where the engines are
+    assert gpu.distance.device is gpu.engine.device  # the kernel runs on the engine's GPU
+    assert gpu.distance.cache_dir == tmp_path / "kernels"  # and caches its modules where the engines are
     cpu = Inspector(small_artifact, device="cpu")
     for path in list_images(sample_data / "test")[:4]:
         image = read_image(path)

@@ -58,7 +58,7 @@ def test_ort_reader_feeds_batches_by_input_name_and_rewinds(small_artifact, samp
 
 def test_tensorrt_calibration_builds_an_int8_engine_and_writes_its_cache(small_artifact, sample_data, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU boxes only: pip install 'patchline[gpu]')")
-    from patchline.runtime.cuda_device import gpu_unavailable_reason
+    from patchline.runtime.search.cuda_device import gpu_unavailable_reason
 
     if reason := gpu_unavailable_reason():
         pytest.skip(f"no GPU here: {reason}")

@@ -91,7 +91,7 @@ def gemm_rate(n: int, m: int, d: int, precision: str, repeats: int) -> dict[str,
 
 def kernel_vs_gemm(bank: np.ndarray, query_counts: list[int], device: object, repeats: int,
                    cache_dir: str | None = None) -> dict[str, object]:
-    from patchline.runtime.gpu_distance import GpuNearest
+    from patchline.runtime.search.gpu_distance import GpuNearest
 
     rng = np.random.default_rng(1)
     m, d = bank.shape
@@ -154,7 +154,7 @@ def library_versions() -> dict[str, str]:
 def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, bank_rows: int | None = None,
                   settings: TensorRtConfig | None = None) -> dict[str, object]:
     """All parts on GPU 0; raises GpuUnavailable when there is no GPU at all."""
-    from patchline.runtime.cuda_device import CudaDevice
+    from patchline.runtime.search.cuda_device import CudaDevice
 
     device = CudaDevice("cuda")
     artifact = load_artifact(artifact_dir)
