@@ -16,7 +16,8 @@ from pathlib import Path
 
 from patchline.runtime.artifact import PRECISIONS, ArtifactError
 from patchline.runtime.config import CameraConfig, ConfigError, TensorRtConfig, load_any_config
-from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
+from patchline.runtime.engines import ENGINES
+from patchline.runtime.engines.onnxruntime import DEVICES, GRAPH_OPTIMIZATION
 from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
 from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images, list_images
 from patchline.runtime.search import DISTANCES
@@ -83,8 +84,8 @@ def _settings(args: argparse.Namespace, options: dict[str, object]) -> tuple[Ten
 def _prepare_engine(artifact_dir: Path, settings: TensorRtConfig, device: str) -> dict[str, object]:
     """Build (or check) the TensorRT engine for an artifact on this machine's GPU."""
     from patchline.runtime.artifact import load_artifact
+    from patchline.runtime.engines.trt_build import prepare_engine
     from patchline.runtime.search.cuda_device import CudaDevice
-    from patchline.runtime.trt_build import prepare_engine
 
     artifact = load_artifact(artifact_dir)
     gpu = CudaDevice(device)  # engines are built on the GPU that will run them
@@ -425,11 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
         p.add_argument("--camera", help="the camera of a line's run config whose settings to use")
         p.add_argument("--artifact", type=Path, help="artifact folder (default: the run config's)")
-        p.add_argument("--device", choices=ORT_DEVICES,
+        p.add_argument("--device", choices=DEVICES,
                        help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider); default auto")
-        p.add_argument("--engine", choices=["onnxruntime", "tensorrt"],
+        p.add_argument("--engine", choices=ENGINES.names,
                        help="tensorrt: the cached TensorRT engine, built on first use (a gpu extra); default onnxruntime")
-        p.add_argument("--distance", choices=DISTANCES,
+        p.add_argument("--distance", choices=DISTANCES.names,
                        help="where patches meet the memory bank: numpy, or the CUDA kernel; default cpu")
         p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
         p.add_argument("--precision", choices=PRECISIONS,

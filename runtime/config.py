@@ -142,7 +142,7 @@ class ExportConfig(Section):
 
 
 class TensorRtConfig(Section):
-    """The TensorRT engine built on the box from the artifact's ONNX (runtime/trt_build.py)."""
+    """The TensorRT engine built on the box from the artifact's ONNX (runtime/engines/trt_build.py)."""
 
     precision: Literal["fp16", "fp32", "int8"] = "fp16"
     batch_profile: tuple[int, int, int] = (1, 1, 8)  # min, opt, max batch the engine accepts

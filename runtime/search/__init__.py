@@ -4,11 +4,11 @@
 bounds), ``bank_index.py`` the index written at export that the pruned search reads, ``gpu_distance.py`` the
 fused CUDA kernel (``kernels/``) on a ``cuda_device.CudaDevice``.
 
-A camera's ``distance`` names a backend of this registry. A backend is a factory
+A camera's ``distance`` names a backend of the registry DISTANCES. A backend is a factory
 ``(bank, gpu, cache_dir) -> search``: ``bank`` is the CPU search over the bank (``score.MemoryBank``, which the
 scorer keeps in any case for the reweighting), ``gpu`` the CudaDevice the engine holds (None: the default GPU),
 ``cache_dir`` the engine cache, where compiled kernels are kept. A new backend is a module that registers its
-factory with ``@register(name)``, and its import line at the end of this file.
+factory with ``@DISTANCES.register(name)``, and its import line at the end of this file.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from patchline.runtime.registry import Registry
 
 if TYPE_CHECKING:
     from patchline.runtime.score import MemoryBank
@@ -30,30 +32,13 @@ class NearestRows(Protocol):
 
 
 DistanceBackend = Callable[["MemoryBank", "CudaDevice | None", "str | Path | None"], NearestRows]
-BACKENDS: dict[str, DistanceBackend] = {}
+DISTANCES: Registry[DistanceBackend] = Registry("distance")
 
 
-def register(name: str) -> Callable[[DistanceBackend], DistanceBackend]:
-    def add(factory: DistanceBackend) -> DistanceBackend:
-        BACKENDS[name] = factory
-        return factory
-
-    return add
-
-
-def distance_backend(name: str) -> DistanceBackend:
-    """The backend registered as ``name``; a ValueError naming the known ones for another name."""
-    if name not in BACKENDS:
-        raise ValueError(f"distance {name!r}: expected one of {', '.join(BACKENDS)}")
-    return BACKENDS[name]
-
-
-@register("cpu")
+@DISTANCES.register("cpu")
 def _bank_itself(bank: MemoryBank, gpu: CudaDevice | None, cache_dir: str | Path | None) -> NearestRows:
     return bank
 
 
-# Imported last: the backends register themselves with the function above.
+# Imported last: the backends register themselves in DISTANCES above.
 from patchline.runtime.search import gpu_distance  # noqa: E402, F401
-
-DISTANCES = tuple(BACKENDS)

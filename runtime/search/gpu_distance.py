@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from patchline.runtime.search import DistanceBackend, register
+from patchline.runtime.search import DISTANCES, DistanceBackend
 from patchline.runtime.search.distance import NonFiniteError
 
 if TYPE_CHECKING:
@@ -154,8 +154,8 @@ class GpuNearest:
 
     def __init__(self, bank: np.ndarray, precision: str = "fp32", device: object = None,
                  cache_dir: str | Path | None = None) -> None:
+        from patchline.runtime.engines.engine_cache import cache_directory
         from patchline.runtime.search.cuda_device import CudaDevice
-        from patchline.runtime.engine_cache import cache_directory
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -294,5 +294,5 @@ def _backend(precision: str) -> DistanceBackend:
     return on_gpu
 
 
-register("cuda")(_backend("fp32"))
-register("cuda-fp16")(_backend("fp16"))
+DISTANCES.register("cuda")(_backend("fp32"))
+DISTANCES.register("cuda-fp16")(_backend("fp16"))

@@ -19,7 +19,7 @@ from pathlib import Path
 from patchline.runtime.artifact import Artifact, sha256_file
 from patchline.runtime.atomic_write import write_atomically
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.engine_cache import (EngineError, EngineKey, build_command, cache_directory, ensure_engine,
+from patchline.runtime.engines.engine_cache import (EngineError, EngineKey, build_command, cache_directory, ensure_engine,
                                             gpu_tag)
 from patchline.runtime.search.cuda_device import GpuUnavailable, driver_facts
 
