@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-good", type=int, help="refuse with fewer good validation images (default 10)")
     p.add_argument("--min-defective", type=int, help="refuse with fewer defect images, with --defects (default 5)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the model the line will run")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.set_defaults(func=cmd_calibrate)
 
