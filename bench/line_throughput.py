@@ -57,7 +57,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from patchline.runtime.artifact import read_manifest
 from patchline.runtime.config import load_line_config
-from patchline.runtime.distance import available_cores
+from patchline.runtime.search.distance import available_cores
 from patchline.runtime.tools.bench import summarise, write_result
 from patchline.runtime.tools.broker import Listener, Mosquitto, free_port
 from patchline.runtime.verdict import epoch_seconds

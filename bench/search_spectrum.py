@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import load_artifact
-from patchline.runtime.bank_index import BankIndex, held_out_bank_rows, measure_search, principal_directions
-from patchline.runtime.distance import ProjectedSearch, nearest, squared_norms
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.preprocess import evaluation_root, list_images, read_image
+from patchline.runtime.search.bank_index import BankIndex, held_out_bank_rows, measure_search, principal_directions
+from patchline.runtime.search.distance import ProjectedSearch, nearest, squared_norms
 from patchline.runtime.tools.bench import summarise, write_result
 
 ROOT = Path(__file__).resolve().parents[1]

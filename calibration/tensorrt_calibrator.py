@@ -29,7 +29,7 @@ def entropy_calibrator(batches: CalibrationBatches, cache_file: str | Path, devi
     its cache to ``cache_file``. Its buffer lives in the device's primary context, the one engines are built in."""
     import pycuda.driver as cuda  # importable: ``device`` is a CudaDevice
 
-    from patchline.runtime.trt_build import require_int8_calibration, tensorrt_module
+    from patchline.runtime.engines.trt_build import require_int8_calibration, tensorrt_module
 
     trt = tensorrt_module()
     require_int8_calibration(trt)  # TensorRT 11 has no IInt8EntropyCalibrator2
@@ -80,8 +80,8 @@ def calibrate_engine(
     Returns the engine's path and whether it was built now (False: the same calibration's engine was cached).
     Calibration runs at the profile's opt batch, as TensorRT feeds it.
     """
-    from patchline.runtime.cuda_device import CudaDevice
-    from patchline.runtime.trt_build import prepare_engine, require_int8_calibration, tensorrt_module
+    from patchline.runtime.engines.trt_build import prepare_engine, require_int8_calibration, tensorrt_module
+    from patchline.runtime.search.cuda_device import CudaDevice
 
     if settings.precision != "int8" or not settings.calibration_cache:
         raise ValueError("TensorRT calibration is for tensorrt.precision: int8 with tensorrt.calibration_cache set "

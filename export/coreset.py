@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from patchline.runtime.distance import euclidean_dist, nearest, squared_norms
+from patchline.runtime.search.distance import euclidean_dist, nearest, squared_norms
 
 
 def random_projection(rows: np.ndarray, dim: int, seed: int) -> np.ndarray:

@@ -33,10 +33,10 @@ from patchline.runtime.artifact import (
     read_manifest,
     write_manifest,
 )
-from patchline.runtime.bank_index import HeldOut, build_index, held_out_images, write_index
 from patchline.runtime.config import Config
 from patchline.runtime.decision import Calibration
 from patchline.runtime.preprocess import ImageError, Preprocessor, iter_images, list_images, training_root
+from patchline.runtime.search.bank_index import HeldOut, build_index, held_out_images, write_index
 from patchline.runtime.self_test import IMAGES as SELF_TEST_IMAGES
 from patchline.runtime.self_test import add_self_test
 

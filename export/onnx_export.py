@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import torch
 
-from patchline.runtime.engine import import_onnxruntime
+from patchline.runtime.engines.onnxruntime import import_onnxruntime
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "embedding"

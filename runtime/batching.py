@@ -26,7 +26,7 @@ import numpy as np
 
 from patchline.runtime.artifact import Artifact
 from patchline.runtime.config import BatchingConfig
-from patchline.runtime.distance import NonFiniteError
+from patchline.runtime.search.distance import NonFiniteError
 from patchline.runtime.inspector import Inspection, Inspector
 
 log = logging.getLogger("patchline.batching")

@@ -27,7 +27,7 @@ from patchline.runtime.batching import LoadedModel, SharedModel
 from patchline.runtime.config import CameraConfig, LineConfig
 from patchline.runtime.decision import decide
 from patchline.runtime.disk_writes import DiskWrites
-from patchline.runtime.distance import NonFiniteError
+from patchline.runtime.search.distance import NonFiniteError
 from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InOrder
 from patchline.runtime.inspector import Inspection
 from patchline.runtime.metrics import Metrics

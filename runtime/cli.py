@@ -16,12 +16,13 @@ from pathlib import Path
 
 from patchline.runtime.artifact import PRECISIONS, ArtifactError
 from patchline.runtime.config import CameraConfig, ConfigError, TensorRtConfig, load_any_config
-from patchline.runtime.cuda_device import GpuUnavailable
-from patchline.runtime.distance import NonFiniteError
-from patchline.runtime.engine import GRAPH_OPTIMIZATION, ORT_DEVICES
+from patchline.runtime.engines import ENGINES
+from patchline.runtime.engines.onnxruntime import DEVICES, GRAPH_OPTIMIZATION
 from patchline.runtime.image_header import DEFAULT_MAX_PIXELS
-from patchline.runtime.inspector import DISTANCES
 from patchline.runtime.preprocess import IMAGE_SUFFIXES, ImageError, iter_images, list_images
+from patchline.runtime.search import DISTANCES
+from patchline.runtime.search.cuda_device import GpuUnavailable
+from patchline.runtime.search.distance import NonFiniteError
 
 log = logging.getLogger("patchline")
 
@@ -83,8 +84,8 @@ def _settings(args: argparse.Namespace, options: dict[str, object]) -> tuple[Ten
 def _prepare_engine(artifact_dir: Path, settings: TensorRtConfig, device: str) -> dict[str, object]:
     """Build (or check) the TensorRT engine for an artifact on this machine's GPU."""
     from patchline.runtime.artifact import load_artifact
-    from patchline.runtime.cuda_device import CudaDevice
-    from patchline.runtime.trt_build import prepare_engine
+    from patchline.runtime.engines.trt_build import prepare_engine
+    from patchline.runtime.search.cuda_device import CudaDevice
 
     artifact = load_artifact(artifact_dir)
     gpu = CudaDevice(device)  # engines are built on the GPU that will run them
@@ -319,7 +320,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from patchline.runtime.bank_index import add_index, held_out_frames
+    from patchline.runtime.search.bank_index import add_index, held_out_frames
 
     held_out = held_out_frames(args.artifact, args.images) if args.images else None
     index = add_index(args.artifact, held_out)
@@ -425,11 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
         p.add_argument("--camera", help="the camera of a line's run config whose settings to use")
         p.add_argument("--artifact", type=Path, help="artifact folder (default: the run config's)")
-        p.add_argument("--device", choices=ORT_DEVICES,
+        p.add_argument("--device", choices=DEVICES,
                        help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider); default auto")
-        p.add_argument("--engine", choices=["onnxruntime", "tensorrt"],
+        p.add_argument("--engine", choices=ENGINES.names,
                        help="tensorrt: the cached TensorRT engine, built on first use (a gpu extra); default onnxruntime")
-        p.add_argument("--distance", choices=DISTANCES,
+        p.add_argument("--distance", choices=DISTANCES.names,
                        help="where patches meet the memory bank: numpy, or the CUDA kernel; default cpu")
         p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
         p.add_argument("--precision", choices=PRECISIONS,
@@ -463,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-good", type=int, help="refuse with fewer good validation images (default 10)")
     p.add_argument("--min-defective", type=int, help="refuse with fewer defect images, with --defects (default 5)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the model the line will run")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.set_defaults(func=cmd_calibrate)
 

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from patchline.runtime.artifact import PRECISIONS
 from patchline.runtime.config_section import Section
+from patchline.runtime.search import DISTANCES
 from patchline.runtime.sources import SourceConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -139,7 +142,7 @@ class ExportConfig(Section):
 
 
 class TensorRtConfig(Section):
-    """The TensorRT engine built on the box from the artifact's ONNX (runtime/trt_build.py)."""
+    """The TensorRT engine built on the box from the artifact's ONNX (runtime/engines/trt_build.py)."""
 
     precision: Literal["fp16", "fp32", "int8"] = "fp16"
     batch_profile: tuple[int, int, int] = (1, 1, 8)  # min, opt, max batch the engine accepts
@@ -371,11 +374,11 @@ class CameraConfig(Section):
 
     camera: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used in MQTT topics and file names
     artifact: str
-    engine: str = "onnxruntime"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: str = "onnxruntime"  # runtime/engines
+    device: str = "auto"  # the onnxruntime engine's provider (engines/onnxruntime.py); the tensorrt engine: GPU 0
     threads: int | None = Field(None, ge=1)
-    precision: Literal["fp32", "int8"] = "fp32"  # int8: the artifact's model.int8.onnx (patchline quantize)
-    distance: Literal["cpu", "cuda", "cuda-fp16"] = "cpu"
+    precision: str = "fp32"  # int8: the artifact's model.int8.onnx (patchline quantize)
+    distance: str = "cpu"  # runtime/search
     # Raw-score threshold; overrides the artifact's calibration. Needed when the artifact is not calibrated.
     threshold: float | None = Field(None, gt=0, allow_inf_nan=False)
     mode: Literal["continuous", "trigger"] = "continuous"
@@ -384,6 +387,19 @@ class CameraConfig(Section):
     evidence: EvidenceConfig = EvidenceConfig()
     # engine: tensorrt (build, cache); `patchline engine --config` this file builds the engine the service loads
     tensorrt: RunTensorRtConfig = Field(default_factory=RunTensorRtConfig)
+
+    @field_validator("engine", "device", "precision", "distance")
+    @classmethod
+    def _known_name(cls, value: str, info: ValidationInfo) -> str:
+        # Imported here, not above: the engines import this module (their TensorRtConfig).
+        from patchline.runtime.engines import ENGINES
+        from patchline.runtime.engines.onnxruntime import DEVICES
+
+        names = {"engine": ENGINES.names, "device": DEVICES, "precision": PRECISIONS,
+                 "distance": DISTANCES.names}[info.field_name]
+        if value not in names:
+            raise PydanticCustomError("unknown_name", "Input should be one of {names}", {"names": ", ".join(names)})
+        return value
 
     def model_key(self) -> tuple:
         """Cameras with equal keys share one loaded model (engine and bank) and their frames are batched together."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from patchline.runtime.distance import NonFiniteError
+from patchline.runtime.search.distance import NonFiniteError
 
 
 class Calibration(BaseModel):

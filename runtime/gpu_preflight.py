@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from patchline.runtime.config import CameraConfig, ConfigError
-from patchline.runtime.cuda_device import device_index
+from patchline.runtime.search.cuda_device import device_index
 
 DROP_IN = "systemctl edit patchline@<camera>"
 NVIDIA_MODPROBE = ("the NVIDIA driver's nvidia-modprobe creates it: `sudo nvidia-modprobe -u -c={index}` (the camera's "
@@ -30,7 +30,7 @@ class GpuDeviceError(ConfigError):
 
 def needs_gpu(config: CameraConfig) -> bool:
     """Whether the run config cannot run without a GPU (``device: auto`` falls back to the CPU)."""
-    return config.engine == "tensorrt" or config.distance != "cpu" or config.device == "cuda"
+    return config.engine == "tensorrt" or config.distance != "cpu" or config.device not in ("auto", "cpu")
 
 
 def required_nodes(index: int, dev: Path = Path("/dev")) -> dict[Path, str]:
@@ -71,5 +71,5 @@ def check_gpu_nodes(index: int, dev: Path = Path("/dev")) -> None:
 def preflight(config: CameraConfig, dev: Path = Path("/dev")) -> None:
     """The daemon's GPU check at start, for a run config that needs the GPU."""
     if needs_gpu(config):
-        # The CUDA distance kernel beside a CPU backbone runs on GPU 0 (inspector.py).
-        check_gpu_nodes(0 if config.device == "cpu" else device_index(config.device), dev)
+        # The CUDA distance kernel beside a CPU backbone, and ONNX Runtime's TensorRT provider, run on GPU 0.
+        check_gpu_nodes(device_index(config.device) if config.device.startswith("cuda") else 0, dev)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
-from patchline.runtime.bank_index import index_for_this_machine
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.cuda_device import CudaDevice
-from patchline.runtime.distance import NonFiniteError
-from patchline.runtime.engine import accepted_options, create_engine
+from patchline.runtime.engines import EngineSettings, create_engine
 from patchline.runtime.score import MemoryBank, anomaly_map, image_score
+from patchline.runtime.search import DISTANCES
+from patchline.runtime.search.bank_index import index_for_this_machine
+from patchline.runtime.search.distance import NonFiniteError
 
 
 @dataclass
@@ -25,9 +25,6 @@ class Inspection:
     anomaly_map: np.ndarray  # (H, W) at the preprocessor's resize size
     location: tuple[int, int]  # (x, y) of the highest patch's centre, in the source image's pixels
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-DISTANCES = ("cpu", "cuda", "cuda-fp16")
 
 
 def require_finite(values: np.ndarray, what: str) -> None:
@@ -41,12 +38,14 @@ def require_finite(values: np.ndarray, what: str) -> None:
 class Inspector:
     """Scores RGB images with an artifact; one instance per camera/thread.
 
-    ``distance`` picks where patches meet the memory bank: "cpu" (numpy BLAS) or the CUDA
-    kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16"). ``precision``
-    picks the artifact's fp32 model or its INT8 one (``patchline quantize``). ``search`` is the
+    ``engine`` names an engine of runtime/engines, made with the engine settings below (``device``,
+    ``precision``, ``model_file``, ``threads``, ``graph_optimization``, ``tensorrt``: see EngineSettings).
+    ``distance`` picks where patches meet the memory bank, a backend of runtime/search: "cpu" (numpy BLAS) or
+    the CUDA kernel with the bank held on the GPU in FP32 ("cuda") or FP16 ("cuda-fp16"). ``search`` is the
     CPU's nearest-row search: "auto" (what the artifact's measurement chose, measured again at load
     when it was measured on another processor or core count), "pruned" or "plain"
-    (score.MemoryBank); ``search_dims`` overrides the pruned search's projected directions.
+    (score.MemoryBank); ``search_dims`` overrides the pruned search's projected directions. ``threads`` also
+    bounds the CPU search's workers.
     """
 
     def __init__(
@@ -61,48 +60,29 @@ class Inspector:
         threads: int | None = None,
         model_file: str | None = None,
         tensorrt: TensorRtConfig | None = None,
-        **engine_options: object,
+        device: str = "auto",
+        graph_optimization: str = "all",
     ) -> None:
-        if distance not in DISTANCES:
-            raise ValueError(f"distance {distance!r}: expected one of {', '.join(DISTANCES)}")
-        accepted = accepted_options(engine)
-        if precision != "fp32" and "model_file" not in accepted:
-            raise ValueError(f"precision {precision} runs the artifact's quantised ONNX model on the onnxruntime "
-                             f"engine, not on {engine!r}; for TensorRT keep precision fp32 and set "
-                             f"tensorrt.precision: {precision}")
+        search_on = DISTANCES[distance]  # an unknown name is refused before a model is loaded
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         manifest = self.artifact.manifest
         self.preprocess = manifest.preprocess.preprocessor()
-        # An explicit model file (the benchmark's NAME@FILE variants) wins over the precision's.
-        self.model_file = str(model_file or self.artifact.model_file(precision))
-        if self.model_file != manifest.model.file:  # engines run the manifest's fp32 model unless told another file
-            if "model_file" not in accepted:
-                raise ValueError(f"model file {self.model_file} runs on the onnxruntime engine; engine {engine!r} "
-                                 f"runs {manifest.model.file}")
-            engine_options["model_file"] = self.model_file
-        # CPU threads and the TensorRT settings go to the engines that have a use for them.
-        for option, value in (("threads", threads), ("tensorrt", tensorrt)):
-            if value is not None and option in accepted:
-                engine_options[option] = value
-        self.engine = create_engine(engine, self.artifact, **engine_options)
+        settings = EngineSettings(device=device, precision=precision, model_file=model_file, threads=threads,
+                                  graph_optimization=graph_optimization, tensorrt=tensorrt or TensorRtConfig())
+        self.engine = create_engine(engine, self.artifact, settings)
+        self.model_file = self.engine.model_file
         self.checksum = self.artifact.checksum(self.model_file)  # the identity verdicts carry
         index = index_for_this_machine(self.artifact)
         self.bank = MemoryBank(self.artifact.bank, index, search_dims, approximate, threads, str(self.artifact.folder),
                                search)
-        self.gpu_bank = None
-        if distance != "cpu":
-            from patchline.runtime.gpu_distance import GpuNearest
-
-            # The kernel runs on the TensorRT engine's GPU (ONNX Runtime's CUDA provider uses GPU 0, the default)
-            # and keeps its compiled modules in the configured engine cache.
-            gpu = getattr(self.engine, "device", None)
-            self.gpu_bank = GpuNearest(self.bank.rows, "fp16" if distance == "cuda-fp16" else "fp32",
-                                       gpu if isinstance(gpu, CudaDevice) else None, tensorrt and tensorrt.cache_dir)
+        # A GPU search runs on the engine's GPU where it holds one (else GPU 0, where ONNX Runtime's CUDA provider
+        # runs) and keeps its compiled kernels in the configured engine cache.
+        self.distance = search_on(self.bank, self.engine.gpu, settings.tensorrt.cache_dir)
         self.num_neighbors = manifest.num_neighbors
 
     def close(self) -> None:
         """Free the GPU memory of the engine and the distance kernel now, in their context (see CudaDevice)."""
-        for part in (self.engine, self.gpu_bank):
+        for part in (self.engine, self.distance):
             if hasattr(part, "close"):
                 part.close()
 
@@ -126,7 +106,7 @@ class Inspector:
         require_finite(embeddings, f"the {self.engine.name} engine's patch embeddings")
         count, h, w, dim = embeddings.shape
         patches = embeddings.reshape(count, h * w, dim)
-        dist, idx = (self.gpu_bank or self.bank).nearest(patches.reshape(count * h * w, dim), 1)
+        dist, idx = self.distance.nearest(patches.reshape(count * h * w, dim), 1)
         dist, idx = dist[:, 0].reshape(count, h * w), idx[:, 0].reshape(count, h * w)
         require_finite(dist, "the patch distances (a square beyond float32's range)")
         t3 = clock()

@@ -28,7 +28,7 @@ from patchline.runtime.artifact import MANIFEST, ArtifactError, load_artifact
 from patchline.runtime.batching import LoadedModel, SharedModel
 from patchline.runtime.camera import Camera
 from patchline.runtime.config import CameraConfig, ConfigError, ModelUpdatesConfig
-from patchline.runtime.cuda_device import GpuUnavailable
+from patchline.runtime.search.cuda_device import GpuUnavailable
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.self_test import SELF_TEST_KEY, check
 

@@ -11,8 +11,8 @@ import functools
 import cv2
 import numpy as np
 
-from patchline.runtime.bank_index import SEARCH_DIMS, BankIndex
-from patchline.runtime.distance import ProjectedSearch, euclidean_dist, nearest, squared_norms
+from patchline.runtime.search.bank_index import SEARCH_DIMS, BankIndex
+from patchline.runtime.search.distance import ProjectedSearch, euclidean_dist, nearest, squared_norms
 
 MAP_SIGMA = 4.0
 MAP_KERNEL = 2 * int(4.0 * MAP_SIGMA + 0.5) + 1  # 33, as anomalib's AnomalyMapGenerator

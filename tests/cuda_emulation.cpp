@@ -1,4 +1,4 @@
-// Runs the CUDA C kernels of runtime/kernels/ on the CPU, so their logic is tested where no GPU is.
+// Runs the CUDA C kernels of runtime/search/kernels/ on the CPU, so their logic is tested where no GPU is.
 //
 // A launch runs its blocks one after another. Each CUDA thread of a block is a fiber (ucontext) on
 // one OS thread; __syncthreads() returns to a scheduler that runs every other fiber of the block

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patchline.runtime.gpu_distance import (
+from patchline.runtime.search.gpu_distance import (
     KERNEL_FILE,
     bank_norm_launch,
     check_query,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from patchline.runtime.artifact import ArtifactError, load_artifact, read_manifest, write_manifest
-from patchline.runtime.engine import create_engine
+from patchline.runtime.engines import EngineSettings, create_engine
 from patchline.runtime.inspector import Inspector
 
 
@@ -119,7 +119,7 @@ def test_onnx_graph_disagreeing_with_manifest(artifact):
     bad = manifest.model_copy(update={"model": manifest.model.model_copy(update={"patch_grid": (grid[0] + 1, grid[1])})})
     write_manifest(artifact, bad)
     with pytest.raises(ArtifactError, match="disagrees with manifest"):
-        create_engine("onnxruntime", load_artifact(artifact), device="cpu")
+        create_engine("onnxruntime", load_artifact(artifact), EngineSettings(device="cpu"))
 
 
 def test_manifest_records_what_the_runtime_needs(small_artifact):

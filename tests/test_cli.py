@@ -141,6 +141,7 @@ def test_non_editable_install_imports_and_runs(tmp_path, cli_artifact, sample_da
     assert "score" in json.loads(result.stdout)
     assert (site / "patchline" / "runtime" / "cli.py").is_file()
     assert (site / "patchline" / "runtime" / "tools" / "broker.py").is_file()  # the subpackage is listed
+    assert (site / "patchline" / "runtime" / "search" / "kernels" / "euclidean_topk.cu").is_file()  # package data
     assert os.path.isdir(site / "patchline" / "export") and os.path.isdir(site / "patchline" / "calibration")
 
 

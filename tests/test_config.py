@@ -108,3 +108,31 @@ def test_run_config_refuses_values_that_would_fail_later(tmp_path):
     (tmp_path / "line.yaml").write_text(path)
     with pytest.raises(ConfigError, match=r"source: .*reconnect_min_s \(60\) is larger than reconnect_max_s \(30\)"):
         load_config(tmp_path / "line.yaml", model=RunConfig)
+
+
+def test_run_config_names_engines_devices_precisions_and_distances_the_runtime_has(tmp_path):
+    path = run_yaml(tmp_path, "engine: tensort\ndevice: gpu\nprecision: fp16\ndistance: gpu\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, model=RunConfig)
+    problems = set(str(err.value).split(": invalid configuration: ")[1].split("; "))
+    assert problems == {"engine: Input should be one of onnxruntime, tensorrt",
+                        "device: Input should be one of auto, cpu, cuda, tensorrt",
+                        "precision: Input should be one of fp32, int8",
+                        "distance: Input should be one of cpu, cuda, cuda-fp16"}
+    config = load_config(run_yaml(tmp_path, "device: tensorrt\nprecision: int8\ndistance: cuda-fp16\n"), model=RunConfig)
+    assert (config.engine, config.device, config.precision, config.distance) == ("onnxruntime", "tensorrt", "int8",
+                                                                                  "cuda-fp16")
+
+
+def test_a_registered_engine_is_a_name_the_config_and_the_command_line_take(tmp_path, monkeypatch):
+    """The names come from the registries, not from lists of their own."""
+    from patchline.runtime.cli import build_parser
+    from patchline.runtime.engines import ENGINES
+    from patchline.runtime.search import DISTANCES
+
+    monkeypatch.setitem(ENGINES._factories, "openvino", lambda artifact, settings: None)
+    monkeypatch.setitem(DISTANCES._factories, "faiss", lambda bank, gpu, cache_dir: bank)
+    config = load_config(run_yaml(tmp_path, "engine: openvino\ndistance: faiss\n"), model=RunConfig)
+    assert (config.engine, config.distance) == ("openvino", "faiss")
+    args = build_parser().parse_args(["score", "--engine", "openvino", "--distance", "faiss", "image.png"])
+    assert (args.engine, args.distance) == ("openvino", "faiss")

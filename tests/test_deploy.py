@@ -117,7 +117,8 @@ RUN = {"camera": "cam1", "artifact": "/nonexistent/model", "source": {"kind": "f
 
 @pytest.mark.parametrize("settings,gpu", [
     ({}, False), ({"device": "auto"}, False), ({"device": "cpu"}, False),
-    ({"device": "cuda"}, True), ({"engine": "tensorrt"}, True), ({"distance": "cuda-fp16"}, True),
+    ({"device": "cuda"}, True), ({"device": "tensorrt"}, True), ({"engine": "tensorrt"}, True),
+    ({"distance": "cuda-fp16"}, True),
     ({"device": "cpu", "distance": "cuda"}, True),  # the kernel beside a CPU backbone: GPU 0
 ])
 def test_only_run_configs_that_need_the_gpu_are_checked(tmp_path: Path, settings: dict, gpu: bool) -> None:

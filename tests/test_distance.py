@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from patchline.runtime.distance import euclidean_dist, nearest
+from patchline.runtime.search.distance import euclidean_dist, nearest
 
 
 def _reference(x, y):
@@ -53,7 +53,7 @@ def test_search_workers_follow_cpu_affinity_not_the_machine():
     """A service pinned to one core (taskset, systemd CPUAffinity) gets one search worker and one ORT thread."""
     code = ("import os\n"
             "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
-            "from patchline.runtime import distance\n"
+            "from patchline.runtime.search import distance\n"
             "print(distance.available_cores(), distance._WORKERS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "1"]
@@ -62,7 +62,7 @@ def test_search_workers_follow_cpu_affinity_not_the_machine():
 def test_searches_hold_blas_to_one_thread_then_restore_it_with_one_controller():
     from threadpoolctl import threadpool_info
 
-    from patchline.runtime import distance
+    from patchline.runtime.search import distance
 
     def blas_threads(_chunk=None):
         return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]

@@ -19,7 +19,7 @@ import yaml
 
 from patchline.runtime.cli import ENGINE_OPTIONS, SCORE_OPTIONS, _settings, build_parser, main
 from patchline.runtime.config import SERVICE_CACHE_DIR, ConfigError, RunConfig, TensorRtConfig, load_config
-from patchline.runtime.engine_cache import (
+from patchline.runtime.engines.engine_cache import (
     EngineError,
     EngineKey,
     build_command,

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from patchline.runtime.cuda_device import gpu_unavailable_reason
+from patchline.runtime.search.cuda_device import gpu_unavailable_reason
 from patchline.runtime.tools.gpu_check import compare
 
 

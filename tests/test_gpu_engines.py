@@ -17,11 +17,12 @@ import pytest
 
 from patchline.runtime.artifact import load_artifact
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.cuda_device import GpuUnavailable, gpu_unavailable_reason
-from patchline.runtime.engine import OnnxRuntimeEngine, accepted_options, create_engine, onnxruntime_providers
-from patchline.runtime.engine_cache import EngineError
+from patchline.runtime.engines import EngineSettings, create_engine
+from patchline.runtime.engines.engine_cache import EngineError
+from patchline.runtime.engines.onnxruntime import OnnxRuntimeEngine, onnxruntime_providers
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.preprocess import list_images, read_image
+from patchline.runtime.search.cuda_device import GpuUnavailable, gpu_unavailable_reason
 
 GPU_REASON = gpu_unavailable_reason()
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"no GPU here: {GPU_REASON}")
@@ -41,7 +42,7 @@ def reference_batch(artifact) -> tuple[np.ndarray, np.ndarray]:
     """A batch of 3 and the CPU engine's embeddings for it."""
     height, width = artifact.manifest.preprocess.input_size  # the engine's input: after any centre crop
     batch = np.random.default_rng(0).standard_normal((3, 3, height, width), dtype=np.float32)
-    return batch, OnnxRuntimeEngine(artifact, device="cpu")(batch)
+    return batch, OnnxRuntimeEngine(artifact, EngineSettings(device="cpu"))(batch)
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -91,13 +92,14 @@ def test_gpu_parts_without_a_gpu_say_what_is_missing(small_artifact) -> None:
             main(command)
 
 
-def test_tensorrt_engine_refuses_onnxruntime_model_files_and_gets_only_its_options(small_artifact) -> None:
+def test_tensorrt_engine_refuses_onnxruntime_model_files(small_artifact) -> None:
     """The INT8 ONNX model runs on ONNX Runtime only: asking TensorRT for it is a config error, found before any GPU use."""
     with pytest.raises(ValueError, match="for TensorRT keep precision fp32 and set tensorrt.precision: int8"):
         Inspector(small_artifact, engine="tensorrt", precision="int8", threads=2)
     with pytest.raises(ValueError, match="model file other.onnx runs on the onnxruntime engine"):
         Inspector(small_artifact, engine="tensorrt", model_file="other.onnx")
-    assert "threads" not in accepted_options("tensorrt") and "model_file" in accepted_options("onnxruntime")
+    with pytest.raises(ValueError, match="engine 'openvino': expected one of onnxruntime, tensorrt"):
+        Inspector(small_artifact, engine="openvino")
 
 
 @pytest.mark.skipif(GPU_REASON is None, reason="a GPU is present")
@@ -134,8 +136,8 @@ def test_tensorrt_int8_calibration_without_tensorrt_says_what_is_missing(small_a
 
 def test_gpu_libraries_are_imported_lazily() -> None:
     code = ("import sys\n"
-            "import patchline.runtime.cli, patchline.runtime.engine, patchline.runtime.inspector\n"
-            "import patchline.runtime.gpu_distance, patchline.runtime.tensorrt_engine, patchline.runtime.trt_build\n"
+            "import patchline.runtime.cli, patchline.runtime.engines, patchline.runtime.inspector\n"
+            "import patchline.runtime.search, patchline.runtime.engines.trt_build\n"
             "import patchline.runtime.tools.bench_gpu\n"
             "print(sorted(m for m in ('tensorrt', 'pycuda', 'cupy', 'torch', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -147,7 +149,7 @@ def test_fp16_graph_for_tensorrt_11(small_artifact, tmp_path) -> None:
     onnx = pytest.importorskip("onnx")  # the gpu extras install it; the runtime-only venv does not
     import onnxruntime as ort
 
-    from patchline.runtime.trt_build import convert_to_fp16
+    from patchline.runtime.engines.trt_build import convert_to_fp16
 
     artifact = load_artifact(small_artifact)
     target = tmp_path / "model_fp16.onnx"
@@ -179,12 +181,12 @@ def test_batched_inspection_equals_single(small_artifact, sample_data) -> None:
 @needs_tensorrt_gpu
 @pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-3), ("fp16", 3e-2)])
 def test_tensorrt_engine_matches_cpu(small_artifact, tmp_path, precision: str, tolerance: float) -> None:
-    from patchline.runtime.tensorrt_engine import TensorRtEngine
+    from patchline.runtime.engines.tensorrt import TensorRtEngine
 
     artifact = load_artifact(small_artifact)
     settings = TensorRtConfig(precision=precision, batch_profile=(2, 3, 4), cache_dir=str(tmp_path),
                               workspace_mb=512)
-    engine = TensorRtEngine(artifact, tensorrt=settings)
+    engine = TensorRtEngine(artifact, EngineSettings(tensorrt=settings))
     assert engine.built and engine.engine_file.is_file() and engine.engine_file.with_suffix(".json").is_file()
     assert (engine.min_batch, engine.max_batch) == (2, 4)
     batch, want = reference_batch(artifact)
@@ -193,26 +195,26 @@ def test_tensorrt_engine_matches_cpu(small_artifact, tmp_path, precision: str, t
     five = np.concatenate([batch, batch[:2]])  # more than the profile's max: split into 4 + 1 (run as 2)
     assert relative_error(engine(five), np.concatenate([want, want[:2]])) < tolerance
     engine.close()
-    again = TensorRtEngine(artifact, tensorrt=settings)
+    again = TensorRtEngine(artifact, EngineSettings(tensorrt=settings))
     assert not again.built and again.engine_file == engine.engine_file
     assert list(tmp_path.glob("sm*/timing_trt*.cache")), "the timing cache is kept"
 
 
 @needs_tensorrt_gpu
 def test_tensorrt_engine_refuses_to_build_when_disabled(small_artifact, tmp_path) -> None:
-    from patchline.runtime.tensorrt_engine import TensorRtEngine
+    from patchline.runtime.engines.tensorrt import TensorRtEngine
 
     settings = TensorRtConfig(cache_dir=str(tmp_path), build=False)
     with pytest.raises(EngineError, match="no engine has been built for it yet.*building is disabled"):
-        TensorRtEngine(load_artifact(small_artifact), tensorrt=settings)
+        TensorRtEngine(load_artifact(small_artifact), EngineSettings(tensorrt=settings))
 
 
 @needs_tensorrt_gpu
 def test_inspector_on_gpu_scores_like_cpu(small_artifact, sample_data, tmp_path) -> None:
     settings = TensorRtConfig(precision="fp32", cache_dir=str(tmp_path))
     gpu = Inspector(small_artifact, engine="tensorrt", distance="cuda", tensorrt=settings)
-    assert gpu.gpu_bank.device is gpu.engine.device  # the kernel runs on the engine's GPU
-    assert gpu.gpu_bank.cache_dir == tmp_path / "kernels"  # and caches its modules where the engines are
+    assert gpu.distance.device is gpu.engine.gpu  # the kernel runs on the engine's GPU
+    assert gpu.distance.cache_dir == tmp_path / "kernels"  # and caches its modules where the engines are
     cpu = Inspector(small_artifact, device="cpu")
     for path in list_images(sample_data / "test")[:4]:
         image = read_image(path)
@@ -223,7 +225,7 @@ def test_inspector_on_gpu_scores_like_cpu(small_artifact, sample_data, tmp_path)
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort_providers(), reason="onnxruntime-gpu is not installed")
 def test_onnxruntime_cuda_matches_cpu(small_artifact) -> None:
     artifact = load_artifact(small_artifact)
-    engine = OnnxRuntimeEngine(artifact, device="cuda")
+    engine = OnnxRuntimeEngine(artifact, EngineSettings(device="cuda"))
     assert engine.providers[0] == "CUDAExecutionProvider"
     batch, want = reference_batch(artifact)
     assert relative_error(engine(batch), want) < 1e-3
@@ -234,7 +236,7 @@ def test_onnxruntime_cuda_matches_cpu(small_artifact) -> None:
                     reason="this onnxruntime has no TensorRT execution provider")
 def test_onnxruntime_tensorrt_provider_matches_cpu(small_artifact, tmp_path) -> None:
     artifact = load_artifact(small_artifact)
-    engine = OnnxRuntimeEngine(artifact, device="tensorrt", tensorrt=TensorRtConfig(cache_dir=str(tmp_path)))
+    engine = OnnxRuntimeEngine(artifact, EngineSettings(device="tensorrt", tensorrt=TensorRtConfig(cache_dir=str(tmp_path))))
     batch, want = reference_batch(artifact)
     assert relative_error(engine(batch), want) < 3e-2
     assert any((tmp_path / "onnxruntime-trt").iterdir()), "ONNX Runtime cached its TensorRT engine"

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from patchline.runtime.distance import nearest
-from patchline.runtime.gpu_distance import KERNEL_FILE, MAX_K, compile_options, geometry, plan_queries
+from patchline.runtime.search.distance import nearest
+from patchline.runtime.search.gpu_distance import KERNEL_FILE, MAX_K, compile_options, geometry, plan_queries
 from tests import cuda_emulator
 
 # (queries, bank rows, dims): tile-aligned and not; bank rows not divisible by the 64-row tile;
@@ -179,8 +179,8 @@ def assert_fail_closed(x: np.ndarray, bank: np.ndarray, bad: list[int], got_d: n
 def test_fp16_bank_range_is_checked_before_upload() -> None:
     """Cast to FP16, a bank value of 7e4 would become inf: refused on the host, naming what and how large.
     (Queries are rounded on the GPU, where such a value makes its row infinitely far: the test above.)"""
-    from patchline.runtime.distance import NonFiniteError
-    from patchline.runtime.gpu_distance import FP16_MAX, check_range
+    from patchline.runtime.search.distance import NonFiniteError
+    from patchline.runtime.search.gpu_distance import FP16_MAX, check_range
 
     x = np.ones((4, 8), np.float32)
     x[2, 3] = -FP16_MAX
@@ -193,7 +193,7 @@ def test_fp16_bank_range_is_checked_before_upload() -> None:
 
 
 def test_query_checks() -> None:
-    from patchline.runtime.gpu_distance import check_query
+    from patchline.runtime.search.gpu_distance import check_query
 
     with pytest.raises(ValueError, match="do not match the bank's 8 dims"):
         check_query(np.zeros((3, 7), np.float32), (10, 8), 1)
@@ -202,7 +202,7 @@ def test_query_checks() -> None:
 
 
 def _gpu_reason() -> str | None:
-    from patchline.runtime.cuda_device import gpu_unavailable_reason
+    from patchline.runtime.search.cuda_device import gpu_unavailable_reason
 
     return gpu_unavailable_reason()
 
@@ -212,14 +212,14 @@ def gpu():
     reason = _gpu_reason()
     if reason:
         pytest.skip(f"no GPU here: {reason}")
-    from patchline.runtime.cuda_device import CudaDevice
+    from patchline.runtime.search.cuda_device import CudaDevice
 
     return CudaDevice()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_gpu_kernel_matches_cpu(gpu, tmp_path, precision: str) -> None:
-    from patchline.runtime.gpu_distance import GpuNearest
+    from patchline.runtime.search.gpu_distance import GpuNearest
 
     rng = np.random.default_rng(7)
     for n, m, d in [*SHAPES, (784, 4100, 384), (1, 20000, 1536)]:
@@ -234,7 +234,7 @@ def test_gpu_kernel_matches_cpu(gpu, tmp_path, precision: str) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_gpu_kernel_never_makes_a_non_finite_query_near(gpu, tmp_path, precision: str) -> None:
     """The emulated test's twin on the real GPU."""
-    from patchline.runtime.gpu_distance import GpuNearest
+    from patchline.runtime.search.gpu_distance import GpuNearest
 
     x, bank, bad = non_finite_queries(precision)
     gpu_nearest = GpuNearest(bank, precision, gpu, cache_dir=tmp_path)
@@ -246,7 +246,7 @@ def test_gpu_memory_is_freed_by_close_on_another_thread(gpu, tmp_path) -> None:
     """pycuda frees only where its context is current: close() makes it so, on whichever thread calls it."""
     import pycuda.driver as cuda
 
-    from patchline.runtime.gpu_distance import GpuNearest
+    from patchline.runtime.search.gpu_distance import GpuNearest
 
     rng = np.random.default_rng(9)
     with gpu.active():
@@ -260,7 +260,7 @@ def test_gpu_memory_is_freed_by_close_on_another_thread(gpu, tmp_path) -> None:
 
 
 def test_gpu_kernel_timing(gpu, tmp_path) -> None:
-    from patchline.runtime.gpu_distance import GpuNearest
+    from patchline.runtime.search.gpu_distance import GpuNearest
 
     rng = np.random.default_rng(8)
     gpu_nearest = GpuNearest(rows(rng, 2000, 384), "fp32", gpu, cache_dir=tmp_path)

@@ -19,9 +19,9 @@ import pytest
 
 from patchline.runtime.artifact import read_manifest, write_manifest
 from patchline.runtime.decision import Calibration, decide
-from patchline.runtime.distance import NonFiniteError
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.overlay import write_rgb
+from patchline.runtime.search.distance import NonFiniteError
 from patchline.runtime.self_test import SELF_TEST_KEY
 from patchline.runtime.tools.demo import write_video
 from tests.test_daemon import CAMERA, finish, run_config, start_daemon, subscriber  # noqa: F401 - a fixture

@@ -12,7 +12,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from patchline.runtime.engine import ORT_DISTRIBUTIONS, InstallError, import_onnxruntime
+from patchline.runtime.engines.onnxruntime import ORT_DISTRIBUTIONS, InstallError, import_onnxruntime
 
 REQUIREMENTS = [Requirement(text) for text in requires("patchline")]
 RUNTIME_EXTRAS = ("cpu", "gpu", "gpu-cu12", "gpu-cu13")

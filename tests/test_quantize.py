@@ -58,19 +58,20 @@ def test_ort_reader_feeds_batches_by_input_name_and_rewinds(small_artifact, samp
 
 def test_tensorrt_calibration_builds_an_int8_engine_and_writes_its_cache(small_artifact, sample_data, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU boxes only: pip install 'patchline[gpu]')")
-    from patchline.runtime.cuda_device import gpu_unavailable_reason
+    from patchline.runtime.search.cuda_device import gpu_unavailable_reason
 
     if reason := gpu_unavailable_reason():
         pytest.skip(f"no GPU here: {reason}")
     from patchline.calibration.tensorrt_calibrator import calibrate_engine
-    from patchline.runtime.tensorrt_engine import TensorRtEngine
+    from patchline.runtime.engines import EngineSettings
+    from patchline.runtime.engines.tensorrt import TensorRtEngine
 
     cache = tmp_path / "int8.calib"
     settings = TensorRtConfig(precision="int8", batch_profile=(1, 2, 4), cache_dir=str(tmp_path / "engines"),
                               calibration_cache=str(cache))
     path, built = calibrate_engine(small_artifact, sample_data, settings, limit=8)
     assert built and path.is_file() and cache.stat().st_size > 0
-    engine = TensorRtEngine(load_artifact(small_artifact), tensorrt=settings, warm_up=False)
+    engine = TensorRtEngine(load_artifact(small_artifact), EngineSettings(tensorrt=settings, warm_up=False))
     assert engine.engine_file == path and not engine.built  # the engine key found the calibrated engine
 
 

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from patchline.runtime.artifact import ArtifactError, load_artifact, write_manifest, read_manifest
-from patchline.runtime.bank_index import (
+from patchline.runtime.cli import main
+from patchline.runtime.inspector import Inspector
+from patchline.runtime.preprocess import list_images, read_image
+from patchline.runtime.score import MemoryBank, reweight
+from patchline.runtime.search.bank_index import (
     KNN_KEY,
     PROJECTION_KEY,
     PRUNED_MAX_RATIO,
@@ -23,11 +27,7 @@ from patchline.runtime.bank_index import (
     principal_directions,
     read_index,
 )
-from patchline.runtime.cli import main
-from patchline.runtime.distance import DIRECT_PAIRS, ProjectedSearch, cpu_model, euclidean_dist, nearest, squared_norms
-from patchline.runtime.inspector import Inspector
-from patchline.runtime.preprocess import list_images, read_image
-from patchline.runtime.score import MemoryBank, reweight
+from patchline.runtime.search.distance import DIRECT_PAIRS, ProjectedSearch, cpu_model, euclidean_dist, nearest, squared_norms
 
 
 def reference_nearest(x: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCANNED = ["runtime/trt_build.py", "runtime/tensorrt_engine.py", "calibration/tensorrt_calibrator.py",
-           "runtime/engine_cache.py"]
+SCANNED = ["runtime/engines/trt_build.py", "runtime/engines/tensorrt.py", "calibration/tensorrt_calibrator.py",
+           "runtime/engines/engine_cache.py"]
 # Names that hold TensorRT objects where no assignment in the same file says so (parameters, helpers' results).
 SEED = {"builder": "Builder", "runtime": "Runtime", "config": "IBuilderConfig", "profile": "IOptimizationProfile",
         "self._engine": "ICudaEngine", "self.context": "IExecutionContext"}
@@ -48,7 +48,7 @@ GUARDED = {
 
 
 def guards(trt) -> dict[str, bool]:  # noqa: ANN001
-    from patchline.runtime.trt_build import network_flags, weakly_typed
+    from patchline.runtime.engines.trt_build import network_flags, weakly_typed
 
     return {"weakly_typed": weakly_typed(trt), "explicit_batch": network_flags(trt) != 0}
 
@@ -248,8 +248,8 @@ def main(bindings: str) -> None:
 
     from patchline.calibration.tensorrt_calibrator import calibrate_engine
     from patchline.runtime.config import TensorRtConfig
-    from patchline.runtime.tensorrt_engine import load_engine
-    from patchline.runtime.trt_build import construct
+    from patchline.runtime.engines.tensorrt import load_engine
+    from patchline.runtime.engines.trt_build import construct
 
     guard = guards(trt)
     checker = Checker(trt, guard)

@@ -39,11 +39,11 @@ import cv2
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
-from patchline.runtime.bank_index import BankIndex, build_index, index_for_this_machine
-from patchline.runtime.distance import available_cores, cpu_model
 from patchline.runtime.inspector import Inspection, Inspector
 from patchline.runtime.preprocess import decode_image, evaluation_root, list_images
 from patchline.runtime.score import MemoryBank
+from patchline.runtime.search.bank_index import BankIndex, build_index, index_for_this_machine
+from patchline.runtime.search.distance import available_cores, cpu_model
 
 STAGES = ("decode", "preprocess", "backbone", "distance", "reweight", "map", "publish")
 SEARCHES = ("exact", "pruned", "projected", "plain", "approximate")
@@ -252,9 +252,9 @@ def _make_variants(options: BenchOptions, artifact: Artifact, bank: np.ndarray, 
                                         graph_optimization=options.graph_optimization)
         inspector = inspectors[key]
         variant_index = BankIndex() if search == "plain" else replace(index, knn=None) if search == "projected" else index
-        own = copy.copy(inspector)  # same engine and preprocessing, its own bank search
-        own.bank = MemoryBank(bank, variant_index, spec.dims or options.dims, search == "approximate", options.threads,
-                              search="auto" if search in ("exact", "plain") else "pruned")
+        own = copy.copy(inspector)  # same engine and preprocessing, its own bank: searched on the CPU, reweighted
+        own.bank = own.distance = MemoryBank(bank, variant_index, spec.dims or options.dims, search == "approximate",
+                                             options.threads, search="auto" if search in ("exact", "plain") else "pruned")
         variants.append(Variant(spec.name, key, own))
     return variants
 

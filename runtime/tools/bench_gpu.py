@@ -25,6 +25,7 @@ import numpy as np
 
 from patchline.runtime.artifact import Artifact, load_artifact
 from patchline.runtime.config import TensorRtConfig
+from patchline.runtime.engines import EngineSettings, create_engine
 from patchline.runtime.tools.bench import summarise, write_result
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def gemm_rate(n: int, m: int, d: int, precision: str, repeats: int) -> dict[str,
 
 def kernel_vs_gemm(bank: np.ndarray, query_counts: list[int], device: object, repeats: int,
                    cache_dir: str | None = None) -> dict[str, object]:
-    from patchline.runtime.gpu_distance import GpuNearest
+    from patchline.runtime.search.gpu_distance import GpuNearest
 
     rng = np.random.default_rng(1)
     m, d = bank.shape
@@ -154,7 +155,7 @@ def library_versions() -> dict[str, str]:
 def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, bank_rows: int | None = None,
                   settings: TensorRtConfig | None = None) -> dict[str, object]:
     """All parts on GPU 0; raises GpuUnavailable when there is no GPU at all."""
-    from patchline.runtime.cuda_device import CudaDevice
+    from patchline.runtime.search.cuda_device import CudaDevice
 
     device = CudaDevice("cuda")
     artifact = load_artifact(artifact_dir)
@@ -171,17 +172,13 @@ def run_benchmark(artifact_dir: str | Path, repeats: int = 50, batch: int = 8, b
     }
 
     def tensorrt_engine() -> dict[str, object]:
-        from patchline.runtime.tensorrt_engine import TensorRtEngine
-
-        engine = TensorRtEngine(artifact, tensorrt=settings)
+        engine = create_engine("tensorrt", artifact, EngineSettings(tensorrt=settings))
         measured = {"engine_file": engine.engine_file.name, **engine_latency(engine, input_shape, [1, batch], repeats)}
         engine.close()
         return measured
 
     def onnxruntime_cuda() -> dict[str, object]:
-        from patchline.runtime.engine import OnnxRuntimeEngine
-
-        engine = OnnxRuntimeEngine(artifact, device="cuda")
+        engine = create_engine("onnxruntime", artifact, EngineSettings(device="cuda"))
         return engine_latency(engine, input_shape, [1, batch], repeats)
 
     _part(results, "engine_tensorrt", tensorrt_engine)

@@ -84,8 +84,8 @@ def environment() -> dict[str, object]:
     from patchline.runtime.tools.bench_gpu import library_versions
     import onnxruntime as ort
 
-    from patchline.runtime.cuda_device import CudaDevice
-    from patchline.runtime.gpu_distance import find_nvcc
+    from patchline.runtime.search.cuda_device import CudaDevice
+    from patchline.runtime.search.gpu_distance import find_nvcc
 
     smi = shutil.which("nvidia-smi")
     nvcc = find_nvcc()

@@ -1,62 +1,23 @@
-"""Engines run the exported backbone: preprocessed batch (N, 3, H, W) → patch embeddings (N, h, w, D).
-
-Engines register by name (``@register("onnxruntime")``) and are chosen by config; GPU
-engines import their libraries lazily so CPU boxes never need them.
-"""
+"""The ``onnxruntime`` engine: the artifact's ONNX model in an ONNX Runtime session on the CPU, CUDA, or ONNX
+Runtime's TensorRT provider; and the check that exactly one ONNX Runtime is installed."""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, distribution
 from types import ModuleType
-from typing import Protocol
 
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, ArtifactError
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.cuda_device import GpuUnavailable
-from patchline.runtime.distance import available_cores
-from patchline.runtime.tensorrt_engine import TensorRtEngine
+from patchline.runtime.engines import ENGINES, EngineSettings
+from patchline.runtime.search.cuda_device import GpuUnavailable
+from patchline.runtime.search.distance import available_cores
 
-
-class Engine(Protocol):
-    name: str
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-ENGINES: dict[str, Callable[..., Engine]] = {}
 GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                       "all": "ORT_ENABLE_ALL"}
-
-
-def register(name: str) -> Callable[[Callable[..., Engine]], Callable[..., Engine]]:
-    def add(factory: Callable[..., Engine]) -> Callable[..., Engine]:
-        ENGINES[name] = factory
-        return factory
-
-    return add
-
-
-def accepted_options(name: str) -> set[str]:
-    """The keyword options engine ``name`` takes, besides the artifact."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}")
-    return set(inspect.signature(ENGINES[name]).parameters) - {"artifact"}
-
-
-def create_engine(name: str, artifact: Artifact, **options: object) -> Engine:
-    accepted_options(name)  # an unknown name is refused with the list of known ones
-    return ENGINES[name](artifact, **options)
-
-
-# The module imports TensorRT and pycuda only when an engine is made.
-register("tensorrt")(TensorRtEngine)
-
-
-ORT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+# Where the session runs: the provider lists onnxruntime_providers makes.
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 # ONNX Runtime's builds on PyPI (and NVIDIA's for Jetson): each installs the same `onnxruntime` module.
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
                      "onnxruntime-qnn", "onnxruntime-training")
@@ -108,8 +69,8 @@ def onnxruntime_providers(
     "tensorrt": ONNX Runtime's TensorRT provider, with CUDA under it for what TensorRT cannot run,
     for boxes without TensorRT's own Python package; it builds and caches its engines itself.
     """
-    if device not in ORT_DEVICES:
-        raise ValueError(f"device {device!r}: expected one of {', '.join(ORT_DEVICES)}")
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
     cuda = "CUDAExecutionProvider" in available
     if device == "cpu" or (device == "auto" and not cuda):
         return ["CPUExecutionProvider"]
@@ -121,7 +82,7 @@ def onnxruntime_providers(
     if "TensorrtExecutionProvider" not in available:
         raise GpuUnavailable(f"device 'tensorrt' needs an onnxruntime-gpu built with TensorrtExecutionProvider and "
                            f"TensorRT's libraries; this onnxruntime offers {available}")
-    from patchline.runtime.engine_cache import cache_directory
+    from patchline.runtime.engines.engine_cache import cache_directory
 
     settings = tensorrt or TensorRtConfig()
     if settings.precision == "int8":
@@ -144,32 +105,28 @@ def onnxruntime_providers(
     return [("TensorrtExecutionProvider", options), *(["CUDAExecutionProvider"] if cuda else []), "CPUExecutionProvider"]
 
 
-@register("onnxruntime")
+@ENGINES.register("onnxruntime")
 class OnnxRuntimeEngine:
     """ONNX Runtime session on the CPU, CUDA, or ONNX Runtime's TensorRT provider (see onnxruntime_providers)."""
 
     name = "onnxruntime"
+    gpu = None  # ONNX Runtime's CUDA provider holds GPU 0 itself, not through a CudaDevice
 
-    def __init__(
-        self,
-        artifact: Artifact,
-        device: str = "auto",
-        threads: int | None = None,
-        model_file: str | None = None,
-        graph_optimization: str = "all",
-        tensorrt: TensorRtConfig | None = None,
-    ) -> None:
+    def __init__(self, artifact: Artifact, settings: EngineSettings = EngineSettings()) -> None:
         ort = import_onnxruntime()
-        providers = onnxruntime_providers(device, ort.get_available_providers(), artifact, tensorrt)
+        providers = onnxruntime_providers(settings.device, ort.get_available_providers(), artifact, settings.tensorrt)
         options = ort.SessionOptions()
-        if graph_optimization not in GRAPH_OPTIMIZATION:
-            raise ValueError(f"graph_optimization {graph_optimization!r}: one of {', '.join(GRAPH_OPTIMIZATION)}")
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
-        options.intra_op_num_threads = threads or available_cores()
+        level = settings.graph_optimization
+        if level not in GRAPH_OPTIMIZATION:
+            raise ValueError(f"graph_optimization {level!r}: one of {', '.join(GRAPH_OPTIMIZATION)}")
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[level])
+        options.intra_op_num_threads = settings.threads or available_cores()
         # ONNX Runtime's workers spin after a run by default, and on a small box they take the cores from the
         # nearest-row search that follows: stop them when the run returns (spinning within a run stays).
         options.add_session_config_entry("session.force_spinning_stop", "1")
-        path = artifact.file(model_file or artifact.manifest.model.file)
+        # An explicit model file (the benchmark's NAME@FILE variants) wins over the precision's.
+        self.model_file = settings.model_file or artifact.model_file(settings.precision)
+        path = artifact.file(self.model_file)
         if not path.is_file():
             raise ArtifactError(f"{path}: no such model file in the artifact")
         self.session = ort.InferenceSession(str(path), options, providers=providers)

@@ -7,7 +7,7 @@
 // out and merged by a second kernel. Bank row norms are computed once when the bank is
 // uploaded. Half-precision inputs are read as half2 pairs and accumulated in float.
 //
-// Compile with -DTOPK=<k>. The host side (patchline/runtime/gpu_distance.py) reads the
+// Compile with -DTOPK=<k>. The host side (patchline/runtime/search/gpu_distance.py) reads the
 // #defines below, so geometry lives only here. Launches:
 //   to_half(src, dim, padded, dst)               grid (rows),                       block (NORM_THREADS)
 //   sq_norms_{f32,f16}(x, dim, out)              grid (rows),                       block (NORM_THREADS)

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import Artifact, ArtifactError
-from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.engine_cache import EngineError
+from patchline.runtime.engines import ENGINES, EngineSettings
+from patchline.runtime.engines.engine_cache import EngineError
 
 
 def load_engine(path: Path):  # noqa: ANN201 - (trt.ICudaEngine, trt.Runtime)
     """Deserialise an engine file; TensorRT's own refusal (version, device) becomes an EngineError."""
-    from patchline.runtime.trt_build import construct, tensorrt_module
+    from patchline.runtime.engines.trt_build import construct, tensorrt_module
 
     trt = tensorrt_module()
     runtime = construct(trt, trt.Runtime)
@@ -30,27 +30,36 @@ def load_engine(path: Path):  # noqa: ANN201 - (trt.ICudaEngine, trt.Runtime)
     return engine, runtime  # the runtime must outlive the engine
 
 
+def _refuse_onnxruntime_models(artifact: Artifact, settings: EngineSettings) -> None:
+    """TensorRT builds its engine from the artifact's fp32 ONNX model, at ``tensorrt.precision``; the other ONNX
+    files of an artifact (its ONNX Runtime INT8 model, a benchmark's) run on the onnxruntime engine only."""
+    if settings.precision != "fp32":
+        raise ValueError(f"precision {settings.precision} runs the artifact's quantised ONNX model on the onnxruntime "
+                         f"engine, not on 'tensorrt'; for TensorRT keep precision fp32 and set tensorrt.precision: "
+                         f"{settings.precision}")
+    if settings.model_file not in (None, artifact.manifest.model.file):
+        raise ValueError(f"model file {settings.model_file} runs on the onnxruntime engine; engine 'tensorrt' runs "
+                         f"{artifact.manifest.model.file}")
+
+
+@ENGINES.register("tensorrt")
 class TensorRtEngine:
     name = "tensorrt"
 
-    def __init__(
-        self,
-        artifact: Artifact,
-        device: str = "cuda",
-        tensorrt: TensorRtConfig | None = None,
-        warm_up: bool = True,
-    ) -> None:
-        from patchline.runtime.cuda_device import CudaDevice
-        from patchline.runtime.trt_build import prepare_engine, tensorrt_module
+    def __init__(self, artifact: Artifact, settings: EngineSettings = EngineSettings()) -> None:
+        _refuse_onnxruntime_models(artifact, settings)  # a config error: found before any GPU is touched
+        from patchline.runtime.engines.trt_build import prepare_engine, tensorrt_module
+        from patchline.runtime.search.cuda_device import CudaDevice
 
-        self.device = CudaDevice("cuda" if device == "auto" else device)
+        self.model_file = artifact.manifest.model.file
+        self.gpu = CudaDevice("cuda" if settings.device == "auto" else settings.device)
         trt = tensorrt_module()
         import pycuda.driver as cuda  # importable now that CudaDevice found the driver
 
-        self.engine_file, self.built = prepare_engine(artifact, tensorrt or TensorRtConfig(), self.device)
+        self.engine_file, self.built = prepare_engine(artifact, settings.tensorrt, self.gpu)
         manifest = artifact.manifest
         self.input_name, self.output_name = manifest.preprocess.input_name, manifest.model.output_name
-        with self.device.active():
+        with self.gpu.active():
             self._engine, self._runtime = load_engine(self.engine_file)
             names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
             inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -73,7 +82,7 @@ class TensorRtEngine:
         expected = (*manifest.model.patch_grid, manifest.model.embedding_dim)
         if out_shape[1:] != expected:
             raise ArtifactError(f"{self.engine_file}: output shape {out_shape} disagrees with the manifest's {expected}")
-        if warm_up:
+        if settings.warm_up:
             # The first run of each shape loads kernels and plans memory: not on the first frame.
             for batch in sorted({self.min_batch, self.max_batch}):
                 self(np.zeros((batch, *self.input_shape), np.float32))
@@ -93,7 +102,7 @@ class TensorRtEngine:
         # as a min batch with zero frames after them; only the frames given are copied back.
         run = max(n, self.min_batch)
         host_in = self._host_in[:run]
-        with self.device.active():
+        with self.gpu.active():
             np.copyto(host_in[:n], batch, casting="same_kind")
             host_in[n:] = 0
             cuda.memcpy_htod_async(self._device_in, host_in, self.stream)
@@ -108,7 +117,7 @@ class TensorRtEngine:
         """Free the engine, its context, buffers and stream now, in the device's context (see GpuNearest.close)."""
         if self.stream is None:
             return
-        with self.device.active():
+        with self.gpu.active():
             self._device_in.free()
             self._device_out.free()
             # TensorRT objects go context first, then engine, then runtime, all with the context current.

@@ -17,10 +17,11 @@ from functools import cache
 from pathlib import Path
 
 from patchline.runtime.artifact import Artifact, sha256_file
+from patchline.runtime.atomic_write import write_atomically
 from patchline.runtime.config import TensorRtConfig
-from patchline.runtime.cuda_device import GpuUnavailable, driver_facts
-from patchline.runtime.engine_cache import (EngineError, EngineKey, build_command, cache_directory, ensure_engine,
-                                            gpu_tag, write_atomically)
+from patchline.runtime.engines.engine_cache import (EngineError, EngineKey, build_command, cache_directory, ensure_engine,
+                                            gpu_tag)
+from patchline.runtime.search.cuda_device import GpuUnavailable, driver_facts
 
 
 def tensorrt_module():  # noqa: ANN201 - the tensorrt module
@@ -121,7 +122,8 @@ def convert_to_fp16(source: Path, target: Path) -> None:
         raise EngineError(f"an FP16 engine with TensorRT 11 converts the ONNX graph to FP16, which needs the onnx "
                           f"package ({exc}); install the 'gpu' extra") from None
     model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-    write_atomically(target, model.SerializeToString())
+    # Synced: a copy that exists is used as it is, unchecked, by every later build (a build takes minutes anyway).
+    write_atomically(target, model.SerializeToString(), fsync=True)
 
 
 def _cache_calibrator(trt, cache: Path):  # noqa: ANN001, ANN202 - a trt.IInt8EntropyCalibrator2
@@ -197,7 +199,8 @@ def build_plan(onnx_path: Path, onnx_sha256: str, input_name: str, chw: tuple[in
     if plan is None:
         raise EngineError(f"{onnx_path}: TensorRT could not build a {settings.precision} engine (its log above says why)")
     if timing is not None:
-        write_atomically(timing, bytes(config.get_timing_cache().serialize()))
+        # Not synced: it only speeds builds up, and one that TensorRT does not take is replaced by a new one above.
+        write_atomically(timing, bytes(config.get_timing_cache().serialize()), fsync=False)
     return bytes(plan), {"build_seconds": round(time.perf_counter() - started, 1), "workspace_mb": settings.workspace_mb,
                          "onnx_used": source.name}
 

@@ -1,7 +1,7 @@
 """The memory bank's search index: computed once at export, stored beside the bank.
 
     bank_projection.npz  the bank mean and its top principal directions, for the exact
-                         projected search's lower bounds (runtime.distance.ProjectedSearch)
+                         projected search's lower bounds (distance.ProjectedSearch)
     bank_knn.npy         int32 (rows, k): every bank row's k nearest bank rows, itself first,
                          so the reweighting needs no second bank-wide search per frame
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from patchline.runtime.artifact import MANIFEST, Artifact, ArtifactError, SearchChoice
-from patchline.runtime.distance import ProjectedSearch, available_cores, cpu_model, nearest, squared_norms
+from patchline.runtime.search.distance import ProjectedSearch, available_cores, cpu_model, nearest, squared_norms
 
 log = logging.getLogger("patchline.bank_index")
 

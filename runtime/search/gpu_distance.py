@@ -1,4 +1,5 @@
-"""Nearest bank rows on the GPU with the fused distance + top-k kernel (kernels/euclidean_topk.cu).
+"""Nearest bank rows on the GPU with the fused distance + top-k kernel (kernels/euclidean_topk.cu): the
+``cuda`` (FP32 bank) and ``cuda-fp16`` distance backends.
 
 The bank is uploaded once, as FP32 or FP16, and its row norms computed there; each call
 uploads the queries and copies back only the k distances and indices per query. Results
@@ -17,10 +18,16 @@ import shutil
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from patchline.runtime.distance import NonFiniteError
+from patchline.runtime.search import DISTANCES, DistanceBackend
+from patchline.runtime.search.distance import NonFiniteError
+
+if TYPE_CHECKING:
+    from patchline.runtime.score import MemoryBank
+    from patchline.runtime.search.cuda_device import CudaDevice
 
 KERNEL_FILE = Path(__file__).parent / "kernels" / "euclidean_topk.cu"
 # Past 16 the per-thread lists no longer fit in registers (ptxas spills them; tests/test_gpu_kernel.py).
@@ -147,8 +154,8 @@ class GpuNearest:
 
     def __init__(self, bank: np.ndarray, precision: str = "fp32", device: object = None,
                  cache_dir: str | Path | None = None) -> None:
-        from patchline.runtime.cuda_device import CudaDevice
-        from patchline.runtime.engine_cache import cache_directory
+        from patchline.runtime.engines.engine_cache import cache_directory
+        from patchline.runtime.search.cuda_device import CudaDevice
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -178,7 +185,7 @@ class GpuNearest:
     def _function(self, k: int, name: str, args: tuple[str | int, ...]):  # noqa: ANN202 - pycuda Function
         from pycuda.compiler import SourceModule
 
-        from patchline.runtime.cuda_device import GpuUnavailable
+        from patchline.runtime.search.cuda_device import GpuUnavailable
 
         if (k, name) not in self._functions:
             if k not in self._modules:
@@ -278,3 +285,14 @@ class GpuNearest:
                 end.synchronize()
                 times.append(end.time_since(start))
         return times
+
+
+def _backend(precision: str) -> DistanceBackend:
+    def on_gpu(bank: MemoryBank, gpu: CudaDevice | None, cache_dir: str | Path | None) -> GpuNearest:
+        return GpuNearest(bank.rows, precision, gpu, cache_dir)
+
+    return on_gpu
+
+
+DISTANCES.register("cuda")(_backend("fp32"))
+DISTANCES.register("cuda-fp16")(_backend("fp16"))
