@@ -246,28 +246,32 @@ def test_notify_watchdog_health_metrics_and_sigterm(tmp_path, mosquitto, subscri
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
 
-    ready_at = wait(lambda: next((t for t, n in notes if "READY=1" in n), None))
-    # While the engine loads and warms up, the start timeout is pushed out (a first TensorRT build takes minutes).
-    extended = [t for t, n in notes if "EXTEND_TIMEOUT_USEC=60000000" in n]
-    assert extended and max(extended) < ready_at
-    status, health = get("/healthz")
-    assert status == 200 and set(json.loads(health)) == {"healthy", "cameras"}
-    assert set(json.loads(health)["cameras"][CAMERA]) == {"last_frame_age_s", "mqtt_connected", "queue_depth"}
-    gone_at = wait(lambda: time.monotonic() if get("/healthz")[0] == 503 else None)
-    wait(lambda: get("/healthz")[0] == 200)  # reconnected, frames again
-    # The pings went on while the source was away (a loaded CI box may answer /healthz late: wait for them).
-    wait(lambda: sum(t > gone_at for t, n in notes if n == "WATCHDOG=1") >= 2, timeout=10)
-    status, metrics = get("/metrics")
-    assert status == 200
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and line[0] != "#"}
-    label = f'{{camera="{CAMERA}"}}'
-    assert values[f"patchline_source_reconnects_total{label}"] >= 1
-    assert values[f"patchline_frames_total{label}"] >= 1 and values[f"patchline_fps{label}"] > 0
-    assert values[f'patchline_inference_seconds_count{label}'] >= 1
-    assert f'patchline_verdicts_total{{camera="{CAMERA}",result="OK"}}' in metrics
-    for name in ("frames_skipped_total", "source_stalls_total", "mqtt_queue_depth", "mqtt_reconnects_total",
-                 "uptime_seconds"):
-        assert f"patchline_{name}{label}" in values
+    try:
+        ready_at = wait(lambda: next((t for t, n in notes if "READY=1" in n), None))
+        # While the engine loads and warms up, the start timeout is pushed out (a first TensorRT build takes minutes).
+        extended = [t for t, n in notes if "EXTEND_TIMEOUT_USEC=60000000" in n]
+        assert extended and max(extended) < ready_at
+        status, health = get("/healthz")
+        assert status == 200 and set(json.loads(health)) == {"healthy", "cameras"}
+        assert set(json.loads(health)["cameras"][CAMERA]) == {"last_frame_age_s", "mqtt_connected", "queue_depth"}
+        gone_at = wait(lambda: time.monotonic() if get("/healthz")[0] == 503 else None)
+        wait(lambda: get("/healthz")[0] == 200)  # reconnected, frames again
+        # The pings went on while the source was away (a loaded CI box may answer /healthz late: wait for them).
+        wait(lambda: sum(t > gone_at for t, n in notes if n == "WATCHDOG=1") >= 2, timeout=10)
+        status, metrics = get("/metrics")
+        assert status == 200
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and line[0] != "#"}
+        label = f'{{camera="{CAMERA}"}}'
+        assert values[f"patchline_source_reconnects_total{label}"] >= 1
+        assert values[f"patchline_frames_total{label}"] >= 1 and values[f"patchline_fps{label}"] > 0
+        assert values[f'patchline_inference_seconds_count{label}'] >= 1
+        assert f'patchline_verdicts_total{{camera="{CAMERA}",result="OK"}}' in metrics
+        for name in ("frames_skipped_total", "source_stalls_total", "mqtt_queue_depth", "mqtt_reconnects_total",
+                     "uptime_seconds"):
+            assert f"patchline_{name}{label}" in values
+    except BaseException:  # a failed check must not leave the daemon running
+        process.kill()
+        raise
 
     process.send_signal(signal.SIGTERM)
     code, output = finish(process, 30)
