@@ -35,7 +35,7 @@ from patchline.runtime.sinks import open_sinks
 from patchline.runtime.sources import open_source
 from patchline.runtime.sources.base import EndOfStream, Frame, SourceConfigError
 from patchline.runtime.triggers import Trigger, TriggeredFrames
-from patchline.runtime.verdict import SeqCounter, make_verdict
+from patchline.runtime.verdict import SeqCounter, iso_utc, make_verdict
 
 log = logging.getLogger("patchline.camera")
 
@@ -85,6 +85,15 @@ class Camera:
     def connect(self) -> None:
         """Recover the spool and connect to the broker (in the background); MqttError on an unusable config."""
         self.sink.start()
+        self.announce_model(self.model.current)
+
+    def announce_model(self, model: LoadedModel) -> None:
+        """Tell the line (retained ``…/model``) which model judges this camera's frames from now on."""
+        manifest = model.artifact.manifest
+        threshold = self.config.threshold if self.config.threshold is not None else manifest.calibration.image_threshold
+        self.sink.publish_model({"model_id": manifest.model_id, "artifact": str(model.artifact.folder.resolve()),
+                                 "artifact_checksum": model.inspector.checksum, "threshold": threshold,
+                                 "since": iso_utc(time.time())})
 
     def start(self) -> None:
         """Start the frame loop's thread."""

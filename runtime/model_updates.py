@@ -12,7 +12,8 @@ and loaded — and score the artifact's self-test images (runtime/self_test.py) 
 between two batches (runtime/batching.py): no frame is dropped or judged by a half-loaded model, and each
 verdict names the model that judged it (``model_id``, ``artifact_checksum``). A candidate that fails is
 refused, the reason logged and published on each of its cameras' error topic (``model_refused``), and
-the running model keeps going; the same files are not tried again until they change.
+the running model keeps going; the same files are not tried again until they change. Each camera's
+retained ``…/model`` topic says which model judges its frames, from the start and after every swap.
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ class ModelUpdates:
             log.info("model %s: %s is what runs already; nothing to swap", slot.model.name, slot.path)
             return
         slot.model.swap(candidate)
+        for camera in slot.cameras:
+            camera.announce_model(candidate)
         log.info("model %s: swapped in %s (%s), was %s; cameras %s", slot.model.name,
                  candidate.artifact.manifest.model_id, candidate.artifact.folder, running.artifact.manifest.model_id,
                  ", ".join(c.name for c in slot.cameras))

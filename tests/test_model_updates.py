@@ -16,6 +16,7 @@ from patchline.runtime.artifact import ArtifactError, load_artifact, read_manife
 from patchline.runtime.decision import Calibration
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.self_test import SELF_TEST_FILE, check
+from patchline.runtime.tools.broker import Listener
 from tests.conftest import needs_gstreamer
 from tests.test_daemon import (CAMERA, calibrated_artifact, good_part, run_config, running,  # noqa: F401
                                subscriber)
@@ -97,3 +98,11 @@ def test_a_new_model_goes_live_between_two_frames_and_a_bad_one_is_refused(tmp_p
     assert "checksum mismatch" in errors[0]["detail"] and "memory_bank.npy" in errors[0]["detail"]
     assert "self-test image" in errors[1]["detail"] and errors[1]["artifact"].endswith("current")
     assert "nothing to swap" in process.output and process.output.count("swapped in") == 1
+    announced = [json.loads(m.payload) for m in subscriber.on("model")]
+    assert [a["model_id"] for a in announced] == [v1, v2]
+    late = Listener(mosquitto.port, [f"patchline/{CAMERA}/model"])  # a PLC subscribing later is told v2
+    assert late.wait(lambda ms: len(ms) == 1) and late.messages[0].retain
+    assert json.loads(late.messages[0].payload)["model_id"] == v2
+    late.close()
+    assert announced[1]["artifact"] == str((models / "v2").resolve()) and announced[1]["threshold"] == 1e6
+    assert announced[1]["artifact_checksum"] == verdicts[-1]["artifact_checksum"]

@@ -38,6 +38,10 @@ class Sink(Protocol):
     def publish_error(self, payload: dict, trigger: Trigger | None = None) -> None:
         """Report ``payload`` (``error``: a short code, ``detail``, ...), and to the trigger's requester if any."""
 
+    def publish_model(self, state: dict) -> None:
+        """Announce the model that judges the camera's frames from now on (``model_id``, ``artifact``,
+        ``artifact_checksum``, ``threshold``, ``since``), kept where the protocol keeps state."""
+
     def stop(self, flush_timeout: float, availability: str) -> None:
         """Deliver what is pending within ``flush_timeout`` s, then announce ``availability``: "stopped" for a stop
         on request or the end of a file source, "offline" when the daemon ends on an error or a crash."""

@@ -76,6 +76,7 @@ class MqttSink:
         self.delivery = Delivery(config, camera, self.spool_dir, disk or DiskWrites(), self._cond, self._messages)
         self._closing = False
         self._final = "online"  # what a connection announces on `available`: stop() changes it
+        self._model: str | None = None  # the retained `model` message, announced again at every connection
         self._fatal: str | None = None
         self._failing = False  # a connection attempt failed and was logged; quiet until the next success
         self._client: paho.Client | None = None
@@ -191,6 +192,15 @@ class MqttSink:
                 raise RuntimeError("MqttSink.publish_verdict() after stop()")
             self.delivery.put(entry)
 
+    def publish_model(self, state: dict) -> None:
+        """Publish ``state`` on the ``model`` topic, retained (QoS 1), and again at every connection: a broker
+        restarted without persistence, or a PLC that subscribes later, still learns which model runs."""
+        with self._cond:
+            self._model = json.dumps({"schema_version": SCHEMA_VERSION, "camera": self.camera, **state},
+                                     separators=(",", ":"), allow_nan=False)
+            if self._client is not None and self.delivery.connected:
+                self._client.publish(self.topics.model, self._model, qos=1, retain=True)
+
     def publish_error(self, payload: dict, trigger: Trigger | None = None) -> None:
         """Publish a JSON error report on the error topic (QoS 1; best effort: not queued while disconnected).
 
@@ -254,6 +264,8 @@ class MqttSink:
             if not self._closing:
                 client.subscribe(self.topics.trigger, qos=1)
             client.publish(self.topics.available, self._final, qos=1, retain=True)
+            if self._model is not None:
+                client.publish(self.topics.model, self._model, qos=1, retain=True)
             self.delivery.link_up()
             self._failing = False
         reconnects = self.delivery.reconnects

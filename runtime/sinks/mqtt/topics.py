@@ -42,6 +42,10 @@ class Topics:
         return f"{self.base}/available"
 
     @property
+    def model(self) -> str:
+        return f"{self.base}/model"
+
+    @property
     def trigger(self) -> str:
         return f"{self.base}/trigger"
 
