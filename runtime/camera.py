@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import Histogram
@@ -57,7 +58,9 @@ class Camera:
         self.disk = DiskWrites()
         self.source = open_source(config.source, memory=state / f"{self.name}.inspected", disk=self.disk)
         self.seq = SeqCounter(state / f"{self.name}.seq")
-        (self.sink,) = open_sinks(line, self.name, self._on_trigger, self.disk)
+        # The line sets this: a "model/set" command goes to the model updates of this camera's model.
+        self.on_model_set: Callable[[dict], None] | None = None
+        (self.sink,) = open_sinks(line, self.name, self._on_trigger, self.disk, self._on_command)
         self.publisher = InOrder(self.sink.publish_verdict)
         evidence = config.evidence
         self.evidence = (EvidenceStore(evidence.dir or evidence_dir, evidence.quota_mb, evidence.format,
@@ -243,6 +246,12 @@ class Camera:
             refused = self.frames.add(trigger, arrived)
         if refused is not None:
             self._trigger_error(trigger, *refused)
+
+    def _on_command(self, name: str, payload: dict) -> None:
+        if name == "model/set" and self.on_model_set is not None:
+            self.on_model_set(payload)
+        else:
+            self.sink.publish_error({"error": "unknown_command", "detail": f"camera {self.name} takes no {name!r}"})
 
     def _trigger_error(self, trigger: Trigger, reason: str, detail: str) -> None:
         log.warning("camera %s: trigger %r not answered: %s", self.name, trigger.part_id, detail)

@@ -423,6 +423,9 @@ class ModelUpdatesConfig(Section):
     # A candidate's self-test scores may differ this much (relative) from those stored at export: engines differ
     # (TensorRT FP16 ~1e-3, INT8 more); a model that computes something else differs by far more.
     self_test_tolerance: float = Field(0.02, gt=0)
+    # The name of a secret (a file in $CREDENTIALS_DIRECTORY, or an environment variable) that signs the commands
+    # on …/<camera>/model/set; unset, those commands are refused.
+    command_key_credential: str | None = None
 
 
 class LineConfig(Section):

@@ -15,6 +15,7 @@ others go on. A crash (a bug) in any camera ends the line with EX_SOFTWARE for s
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from patchline.runtime.batching import SharedModel
 from patchline.runtime.camera import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, Camera
 from patchline.runtime.config import CameraConfig, LineConfig
+from patchline.runtime.credentials import read_credential
 from patchline.runtime.gpu_preflight import preflight
 from patchline.runtime.model_updates import ModelUpdates, Slot, load_model
 from patchline.runtime.metrics import LineCollector, MetricsServer, inference_histogram
@@ -71,7 +73,12 @@ class Daemon:
             evidence = state / "evidence" if len(config.cameras) == 1 else state / "evidence" / camera.camera
             self.cameras.append(Camera(camera, config, self.models[camera.model_key()], evidence, inference))
             slots[camera.model_key()].cameras.append(self.cameras[-1])
-        self.updates = ModelUpdates(list(slots.values()), config.model_updates)
+        key_name = config.model_updates.command_key_credential
+        key = read_credential(key_name, "model_updates.command_key_credential").encode() if key_name else None
+        self.updates = ModelUpdates(list(slots.values()), config.model_updates, key)
+        for slot in slots.values():
+            for camera in slot.cameras:
+                camera.on_model_set = functools.partial(self.updates.command, slot, camera)
         self.registry.register(LineCollector([c.metrics for c in self.cameras],
                                              lambda: {m.name: (m.batches, m.frames) for m in self.models.values()}))
         self.stop_requested = threading.Event()

@@ -137,10 +137,10 @@ def start_daemon(config: Path, env: dict | None = None) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def running(config: Path, timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+def running(config: Path, timeout: float = 60.0, env: dict | None = None) -> Iterator[subprocess.Popen]:
     """The daemon as a process for the block, then stopped as systemd stops it (SIGTERM); it must exit 0. Its
     output is then ``process.output``."""
-    process = start_daemon(config)
+    process = start_daemon(config, env)
     try:
         yield process
     finally:

@@ -106,3 +106,52 @@ def test_a_new_model_goes_live_between_two_frames_and_a_bad_one_is_refused(tmp_p
     late.close()
     assert announced[1]["artifact"] == str((models / "v2").resolve()) and announced[1]["threshold"] == 1e6
     assert announced[1]["artifact_checksum"] == verdicts[-1]["artifact_checksum"]
+
+
+def test_a_signed_model_set_command_swaps_the_model_and_a_bad_one_is_refused(tmp_path, models, mosquitto, subscriber):
+    """`…/model/set` on a real broker: unsigned, wrongly signed, malformed, or naming an artifact whose
+    checksum is not the one given — each refused with its reason on the error topic while v1 keeps judging; a
+    signed command with v2's artifact_checksum swaps v2 in, and the folder's next part is judged by it."""
+    from patchline.runtime.artifact import load_artifact as load
+    from patchline.runtime.model_updates import command_signature
+    from tests.test_line_failures import drop
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = run_config(tmp_path, models / "v1", mosquitto.port,
+                        {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05},
+                        model_updates={"command_key_credential": "PATCHLINE_TEST_MODEL_KEY"})
+    key = b"line3 model key"
+    v2 = str(models / "v2")
+    checksum = Inspector(load(v2), device="cpu").checksum
+    topic = f"patchline/{CAMERA}/model/set"
+
+    def command(payload: dict | str) -> None:
+        body = payload if isinstance(payload, str) else json.dumps(payload)
+        subscriber.client.publish(topic, body, qos=1).wait_for_publish(5)
+
+    def errors() -> list[dict]:
+        return [json.loads(m.payload) for m in subscriber.on("error")]
+
+    with running(config, env={"PATCHLINE_TEST_MODEL_KEY": key.decode()}) as process:
+        wait_until(process, lambda: subscriber.on("model"), what="the model announced")
+        drop(inbox, "a.png", good_part(900))
+        wait_until(process, lambda: len(subscriber.verdicts()) == 1, what="a verdict of v1")
+        command({"artifact": v2, "checksum": checksum})
+        command({"artifact": v2, "checksum": checksum, "signature": "00" * 32})
+        command("not json")
+        command({"artifact": v2, "checksum": "ab" * 32, "signature": command_signature(key, v2, "ab" * 32)})
+        wait_until(process, lambda: len(errors()) == 4, what="four refusals")
+        command({"artifact": v2, "checksum": checksum, "signature": command_signature(key, v2, checksum)})
+        wait_until(process, lambda: len(subscriber.on("model")) == 2, what="v2 announced")
+        drop(inbox, "b.png", good_part(901))
+        wait_until(process, lambda: len(subscriber.verdicts()) == 2, what="a verdict of v2")
+    found = errors()
+    assert [e["error"] for e in found] == ["model_command_refused", "model_command_refused", "malformed_command",
+                                           "model_refused"]
+    assert "needs artifact, checksum and signature" in found[0]["detail"]
+    assert "signature does not match" in found[1]["detail"]
+    assert f"its artifact_checksum is {checksum}, the command says {'ab' * 32}" in found[3]["detail"]
+    first, second = subscriber.verdicts()
+    assert first["model_id"] == read_manifest(models / "v1").model_id
+    assert second["model_id"] == read_manifest(models / "v2").model_id and second["artifact_checksum"] == checksum

@@ -25,7 +25,9 @@ from paho.mqtt.properties import Properties
 
 from patchline.runtime.config import MqttConfig, TlsConfig
 from patchline.runtime.decision import Decision
-from patchline.runtime.sinks.mqtt.client import MqttError, read_password
+from patchline.runtime.config import ConfigError
+from patchline.runtime.credentials import read_credential
+from patchline.runtime.sinks.mqtt.client import MqttError
 from patchline.runtime.sinks.mqtt.sink import MqttSink
 from patchline.runtime.sinks.mqtt.topics import Topics
 from patchline.runtime.triggers import Trigger, parse_trigger
@@ -138,14 +140,14 @@ def test_parse_trigger_rejects(payload: bytes, reason: str) -> None:
 def test_password_from_credentials_directory_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     monkeypatch.setenv("PL_TEST_PW", "from-env")
-    assert read_password("PL_TEST_PW") == "from-env"
+    assert read_credential("PL_TEST_PW", "mqtt.password_credential") == "from-env"
     (tmp_path / "PL_TEST_PW").write_text("from-file\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    assert read_password("PL_TEST_PW") == "from-file"
-    with pytest.raises(MqttError, match="PL_MISSING.*environment variable PL_MISSING"):
-        read_password("PL_MISSING")
-    with pytest.raises(MqttError, match="plain name"):
-        read_password("../etc/passwd")
+    assert read_credential("PL_TEST_PW", "mqtt.password_credential") == "from-file"
+    with pytest.raises(ConfigError, match="mqtt.password_credential 'PL_MISSING'.*environment variable PL_MISSING"):
+        read_credential("PL_MISSING", "mqtt.password_credential")
+    with pytest.raises(ConfigError, match="plain name"):
+        read_credential("../etc/passwd", "mqtt.password_credential")
 
 
 # -- publishing ----------------------------------------------------------------------------------
@@ -467,7 +469,7 @@ def test_wrong_password_is_fatal_without_retrying(tmp_path: Path, open_sinks,
 
         missing = MqttSink(MqttConfig(port=broker.port, username="line7", password_credential="PL_NOT_THERE"),
                            CAMERA, tmp_path)
-        with pytest.raises(MqttError, match="PL_NOT_THERE"):
+        with pytest.raises(ConfigError, match="PL_NOT_THERE"):
             missing.start()
     finally:
         broker.stop()

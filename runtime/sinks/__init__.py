@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class Sink(Protocol):
     """What the daemon needs of a sink. Configuration problems raise ``ConfigError`` (when made, or at ``start``).
 
-    Made as ``factory(section, camera, state_dir, on_trigger=..., disk=...)``: its section of the run config,
+    Made as ``factory(section, camera, state_dir, on_trigger=..., disk=..., on_command=...)``: its section of the run config,
     where it may keep state, the daemon's callback for the triggers it receives (run on the sink's own thread:
     it returns quickly), and the daemon's count of the writes the disk refused.
     """
@@ -63,8 +63,9 @@ class Sink(Protocol):
 SINKS: dict[str, Callable[..., Sink]] = {"mqtt": MqttSink}
 
 
-def open_sinks(line: LineConfig, camera: str, on_trigger: Callable[[Trigger], None], disk: DiskWrites) -> list[Sink]:
+def open_sinks(line: LineConfig, camera: str, on_trigger: Callable[[Trigger], None], disk: DiskWrites,
+               on_command: Callable[[str, dict], None]) -> list[Sink]:
     """``camera``'s sink for each entry of ``SINKS`` whose section the line's config has (``mqtt``'s, with its
-    defaults, always)."""
-    return [factory(section, camera, line.state_dir, on_trigger=on_trigger, disk=disk)
+    defaults, always). ``on_command`` gets the commands a sink receives (``"model/set"``, a JSON object)."""
+    return [factory(section, camera, line.state_dir, on_trigger=on_trigger, disk=disk, on_command=on_command)
             for key, factory in SINKS.items() if (section := getattr(line, key)) is not None]

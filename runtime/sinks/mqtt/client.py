@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import ssl
-from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from patchline.runtime.config import ConfigError, MqttConfig
+from patchline.runtime.credentials import read_credential
 
 # paho stops resending after a reconnect at its first message over the in-flight limit: keep it far above
 # delivery.WINDOW x messages per verdict (6) plus availability and error messages.
@@ -31,24 +31,6 @@ class MqttError(ConfigError):
     """An MQTT configuration that cannot work (TLS files, credentials, topic names)."""
 
 
-def read_password(name: str) -> str:
-    """The password named ``name``: ``$CREDENTIALS_DIRECTORY/<name>`` (systemd LoadCredential) or env var ``<name>``."""
-    if not name or "/" in name or name.startswith("."):
-        raise MqttError(f"mqtt.password_credential {name!r} must be a plain name"
-                        " (of a file in $CREDENTIALS_DIRECTORY or of an environment variable)")
-    folder = os.environ.get("CREDENTIALS_DIRECTORY")
-    if folder and (Path(folder) / name).exists():
-        path = Path(folder) / name
-        try:
-            return path.read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise MqttError(f"mqtt.password_credential: cannot read {path}: {exc.strerror}") from exc
-    if name in os.environ:
-        return os.environ[name]
-    where = f"{folder}/{name}" if folder else "$CREDENTIALS_DIRECTORY/" + name + " (CREDENTIALS_DIRECTORY is not set)"
-    raise MqttError(f"mqtt.password_credential {name!r} not found: neither {where} nor environment variable {name}")
-
-
 def make_client(config: MqttConfig, client_id: str, will_topic: str) -> paho.Client:
     """A paho client for ``config`` whose will says "offline" on ``will_topic``; its callbacks are the caller's.
 
@@ -65,7 +47,8 @@ def make_client(config: MqttConfig, client_id: str, will_topic: str) -> paho.Cli
     if config.username is not None or config.password_credential is not None:
         if config.username is None:
             raise MqttError("mqtt.password_credential is set but mqtt.username is not")
-        password = read_password(config.password_credential) if config.password_credential else None
+        password = (read_credential(config.password_credential, "mqtt.password_credential")
+                    if config.password_credential else None)
         client.username_pw_set(config.username, password)
     if config.tls is not None:
         tls = config.tls

@@ -62,11 +62,13 @@ class MqttSink:
     """
 
     def __init__(self, config: MqttConfig, camera: str, state_dir: str | Path,
-                 on_trigger: Callable[[Trigger], None] | None = None, disk: DiskWrites | None = None) -> None:
+                 on_trigger: Callable[[Trigger], None] | None = None, disk: DiskWrites | None = None,
+                 on_command: Callable[[str, dict], None] | None = None) -> None:
         self.config = config
         self.camera = camera
         self.topics = Topics.for_camera(config.topic_prefix, camera)
         self.on_trigger = on_trigger
+        self.on_command = on_command  # ("model/set", its JSON object), from paho's network thread
         self.spool_dir = Path(config.spool_dir or state_dir) / "mqtt-spool" / camera
         self.client_id = config.client_id or f"patchline-{camera}"
         self._v5 = config.protocol == "5"
@@ -262,7 +264,7 @@ class MqttSink:
             # Under the lock that stop() takes to choose the last word: a connection completing while the daemon
             # stops announces that word (and takes no more triggers), never an "online" left behind.
             if not self._closing:
-                client.subscribe(self.topics.trigger, qos=1)
+                client.subscribe([(self.topics.trigger, 1), (self.topics.model_set, 1)])
             client.publish(self.topics.available, self._final, qos=1, retain=True)
             if self._model is not None:
                 client.publish(self.topics.model, self._model, qos=1, retain=True)
@@ -308,6 +310,9 @@ class MqttSink:
         response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
         answerable = bool(response_topic) and not any(c in response_topic for c in "+#")
+        if message.topic == self.topics.model_set:
+            self._command("model/set", message)
+            return
         if message.retain:
             self._refuse_retained(message, response_topic if answerable else None, correlation)
             return
@@ -325,6 +330,23 @@ class MqttSink:
         log.debug("MQTT: trigger %s", trigger)
         if self.on_trigger is not None:
             self.on_trigger(trigger)
+
+    def _command(self, name: str, message: paho.MQTTMessage) -> None:
+        """A command (a JSON object) for the daemon; a retained one is refused: the broker would replay it at every
+        start, long after it was meant."""
+        try:
+            if message.retain:
+                raise ValueError(f"a retained message on {message.topic} is not a command; clear it with "
+                                 f"mosquitto_pub -r -n -t {message.topic}")
+            payload = json.loads(message.payload)
+            if not isinstance(payload, dict):
+                raise ValueError("the payload is not a JSON object")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            log.warning("MQTT: command on %s refused: %s", message.topic, exc)
+            self.publish_error({"error": "malformed_command", "detail": str(exc), "topic": message.topic})
+            return
+        if self.on_command is not None:
+            self.on_command(name, payload)
 
     def _refuse_retained(self, message: paho.MQTTMessage, response_topic: str | None, correlation: bytes | None) -> None:
         # The broker replays a retained trigger at every subscription, long after the part it named has gone:

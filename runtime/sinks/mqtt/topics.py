@@ -46,6 +46,10 @@ class Topics:
         return f"{self.base}/model"
 
     @property
+    def model_set(self) -> str:
+        return f"{self.base}/model/set"
+
+    @property
     def trigger(self) -> str:
         return f"{self.base}/trigger"
 
