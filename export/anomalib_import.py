@@ -64,7 +64,7 @@ from patchline.export.embedding import PatchEmbedding
 from patchline.export.fit import write_artifact
 from patchline.export.onnx_export import INPUT_NAME
 from patchline.runtime.artifact import BackboneInfo, Manifest, PreprocessInfo, TrainingInfo, sha256_file
-from patchline.runtime.config import ExportConfig
+from patchline.export.config import ExportConfig
 from patchline.runtime.decision import Calibration
 
 log = logging.getLogger("patchline.export")

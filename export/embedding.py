@@ -15,7 +15,7 @@ from patchline.export.backbone import create_backbone
 from patchline.export.catalogue import build_extractor
 from patchline.export.ensemble import PatchCoreEmbedding
 from patchline.export.extractor import layer_order
-from patchline.runtime.config import ModelConfig
+from patchline.export.config import ModelConfig
 
 
 class PatchEmbedding(torch.nn.Module):

@@ -33,7 +33,7 @@ from patchline.runtime.artifact import (
     read_manifest,
     write_manifest,
 )
-from patchline.runtime.config import Config
+from patchline.export.config import Config
 from patchline.runtime.decision import Calibration
 from patchline.runtime.preprocess import ImageError, Preprocessor, iter_images, list_images, training_root
 from patchline.runtime.search.bank_index import HeldOut, build_index, held_out_images, write_index

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from patchline.export.embedding import build_from_config
 from patchline.runtime.artifact import Artifact
-from patchline.runtime.config import ModelConfig
+from patchline.export.config import ModelConfig
 from patchline.runtime.score import MAP_KERNEL, MAP_SIGMA
 
 

@@ -39,9 +39,9 @@ def _needs_extra(extra: str) -> Iterator[None]:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from patchline.runtime.config import load_config
+    from patchline.export.config import load_export_config  # pydantic only: a bad config is named before torch
 
-    config = load_config(args.config, args.set)
+    config = load_export_config(args.config, args.set)
     with _needs_extra("export"):
         from patchline.export.fit import export_artifact
     manifest = export_artifact(config, args.images, args.out, progress=not args.quiet)
@@ -112,9 +112,9 @@ def cmd_engine(args: argparse.Namespace) -> None:
 
 def cmd_bench_gpu(args: argparse.Namespace) -> None:
     from patchline.runtime.tools.bench_gpu import run_benchmark, write_results
-    from patchline.runtime.config import load_config
+    from patchline.runtime.config import ToolConfig, load_config
 
-    settings = load_config(args.config, args.set).tensorrt
+    settings = load_config(args.config, args.set, ToolConfig).tensorrt
     results = run_benchmark(args.artifact, args.repeats, args.batch, args.bank_rows, settings)
     path = write_results(results, args.out)
     print(json.dumps(results, indent=2))

@@ -103,9 +103,9 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_config():
-    from patchline.runtime.config import load_config
+    from patchline.export.config import load_export_config
 
-    return load_config(None, SMALL_OVERRIDES)
+    return load_export_config(None, SMALL_OVERRIDES)
 
 
 @pytest.fixture(scope="session")

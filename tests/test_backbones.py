@@ -20,7 +20,7 @@ from patchline.export.ensemble import PatchCoreEmbedding
 from patchline.export.extractor import LayerExtractor, module_layouts
 from patchline.export.onnx_export import export_onnx, verify_onnx
 from patchline.runtime.cli import main
-from patchline.runtime.config import load_config
+from patchline.export.config import load_export_config
 
 # The keys of PatchCore's src/patchcore/backbones.py _BACKBONES.
 PATCHCORE_NAMES = {
@@ -145,7 +145,7 @@ def test_family_exports_to_onnx(tmp_path: Path, family, name, layers, size, dims
     overrides = [f"model.backbone={name}", f"model.layers={layers}", "model.weights=random"]
     if dims:  # alternate between anomalib's and the original PatchCore's embedding
         overrides += [f"model.pretrain_embed_dimension={dims[0]}", f"model.target_embed_dimension={dims[1]}"]
-    model = load_config(None, overrides).model
+    model = load_export_config(None, overrides).model
     module, _ = build_from_config(model, (size, size))
     export_onnx(module, (size, size), tmp_path / "model.onnx", 17)
     # Raises unless ONNX Runtime's embedding of a random batch is within 1e-4 (relative) of torch's.

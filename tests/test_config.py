@@ -2,14 +2,15 @@ from pathlib import Path
 
 import pytest
 
+from patchline.export.config import load_export_config
 from patchline.runtime.config import ConfigError, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_default_yaml_is_the_anomalib_default():
-    config = load_config(ROOT / "configs" / "default.yaml")
-    assert config == load_config(None)
+    config = load_export_config(ROOT / "configs" / "default.yaml")
+    assert config == load_export_config(None)
     assert config.model.backbone == "wide_resnet50_2"
     assert config.model.layers == ["layer2", "layer3"]
     assert config.preprocess.image_size == (256, 256)
@@ -21,7 +22,7 @@ def test_unknown_key_names_file_and_key(tmp_path):
     path = tmp_path / "line.yaml"
     path.write_text("model:\n  backbon: resnet18\n")
     with pytest.raises(ConfigError) as err:
-        load_config(path)
+        load_export_config(path)
     assert str(err.value) == f"{path}: invalid configuration: model.backbon: unknown key, did you mean backbone?"
 
 
@@ -46,37 +47,37 @@ def test_bad_value_names_key_and_reason(tmp_path):
     path = tmp_path / "line.yaml"
     path.write_text("coreset:\n  ratio: 1.5\n")
     with pytest.raises(ConfigError, match=r"coreset.ratio: Input should be less than or equal to 1"):
-        load_config(path)
+        load_export_config(path)
 
 
 def test_bad_weights_and_image_size(tmp_path):
     with pytest.raises(ConfigError, match="model.weights"):
-        load_config(None, ["model.weights=imagenet"])
+        load_export_config(None, ["model.weights=imagenet"])
     with pytest.raises(ConfigError, match="at least 32"):
-        load_config(None, ["preprocess.image_size=8"])
+        load_export_config(None, ["preprocess.image_size=8"])
 
 
 def test_not_yaml_and_not_a_mapping(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(path)
+        load_export_config(path)
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
-        load_config(path)
+        load_export_config(path)
     with pytest.raises(ConfigError, match="cannot read"):
-        load_config(tmp_path / "missing.yaml")
+        load_export_config(tmp_path / "missing.yaml")
 
 
 def test_overrides_win_over_file(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("model:\n  backbone: resnet50\n")
-    config = load_config(path, ["model.backbone=resnet18", "preprocess.image_size=[128, 160]", "coreset.ratio=0.5"])
+    config = load_export_config(path, ["model.backbone=resnet18", "preprocess.image_size=[128, 160]", "coreset.ratio=0.5"])
     assert config.model.backbone == "resnet18"
     assert config.preprocess.image_size == (128, 160)
     assert config.coreset.ratio == 0.5
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
-        load_config(None, ["model.backbone"])
+        load_export_config(None, ["model.backbone"])
 
 
 def run_yaml(tmp_path, text: str) -> Path:

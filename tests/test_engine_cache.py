@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from patchline.runtime.cli import ENGINE_OPTIONS, SCORE_OPTIONS, _settings, build_parser, main
-from patchline.runtime.config import SERVICE_CACHE_DIR, ConfigError, RunConfig, TensorRtConfig, load_config
+from patchline.runtime.config import SERVICE_CACHE_DIR, ConfigError, RunConfig, TensorRtConfig, ToolConfig, load_config
 from patchline.runtime.engines.engine_cache import (
     EngineError,
     EngineKey,
@@ -145,12 +145,12 @@ def test_cache_directory_follows_the_config_then_systemd_then_xdg(tmp_path, monk
 
 
 def test_tensorrt_config_section() -> None:
-    config = load_config(None, ["tensorrt.precision=fp32", "tensorrt.batch_profile=[1, 2, 4]"])
+    config = load_config(None, ["tensorrt.precision=fp32", "tensorrt.batch_profile=[1, 2, 4]"], ToolConfig)
     assert config.tensorrt == TensorRtConfig(precision="fp32", batch_profile=(1, 2, 4))
     with pytest.raises(ConfigError, match="tensorrt.batch_profile"):
-        load_config(None, ["tensorrt.batch_profile=[4, 2, 8]"])
+        load_config(None, ["tensorrt.batch_profile=[4, 2, 8]"], ToolConfig)
     with pytest.raises(ConfigError, match="tensorrt.precision"):
-        load_config(None, ["tensorrt.precision=int4"])
+        load_config(None, ["tensorrt.precision=int4"], ToolConfig)
 
 
 def _slow_build(log: str) -> tuple[bytes, dict[str, object]]:
@@ -215,7 +215,7 @@ def test_run_config_engines_live_in_the_service_cache(monkeypatch) -> None:
     explicit = dict(RUN, tensorrt={"cache_dir": "/data/engines"})
     assert RunConfig.model_validate(explicit).tensorrt.cache_dir == "/data/engines"
     assert RunConfig.model_validate(dict(RUN, tensorrt={"cache_dir": None})).tensorrt.cache_dir == "/srv/engines"
-    assert load_config(None).tensorrt.cache_dir is None  # an export config: the user's own cache (below)
+    assert load_config(None, [], ToolConfig).tensorrt.cache_dir is None  # an export config: the user's own cache (below)
 
 
 def test_engine_command_with_a_run_config_builds_what_the_service_loads(tmp_path, monkeypatch) -> None:
@@ -246,9 +246,9 @@ def test_tensorrt_paths_in_a_config_file_are_relative_to_it(tmp_path, monkeypatc
     folder.mkdir()
     (folder / "line.yaml").write_text("tensorrt: {calibration_cache: int8.cache, cache_dir: engines}\n")
     monkeypatch.chdir("/")
-    settings = load_config(folder / "line.yaml").tensorrt
+    settings = load_config(folder / "line.yaml", [], ToolConfig).tensorrt
     assert (settings.calibration_cache, settings.cache_dir) == (str(folder / "int8.cache"), str(folder / "engines"))
-    absolute = load_config(folder / "line.yaml", [f"tensorrt.cache_dir={tmp_path / 'elsewhere'}"]).tensorrt
+    absolute = load_config(folder / "line.yaml", [f"tensorrt.cache_dir={tmp_path / 'elsewhere'}"], ToolConfig).tensorrt
     assert absolute.cache_dir == str(tmp_path / "elsewhere")
-    given = load_config(folder / "line.yaml", ["tensorrt.calibration_cache=here.cache"]).tensorrt
+    given = load_config(folder / "line.yaml", ["tensorrt.calibration_cache=here.cache"], ToolConfig).tensorrt
     assert given.calibration_cache == "here.cache"  # --set: relative to the shell's working directory, as typed

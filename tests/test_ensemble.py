@@ -16,7 +16,8 @@ from patchline.export.ensemble import AdaptiveMean, unfold_patches
 from patchline.export.fit import export_artifact
 from patchline.export.torch_baseline import TorchPatchcore
 from patchline.runtime.artifact import load_artifact
-from patchline.runtime.config import ConfigError, load_config
+from patchline.export.config import load_export_config
+from patchline.runtime.config import ConfigError
 from patchline.runtime.inspector import Inspector
 from patchline.runtime.preprocess import list_images, read_image
 from tests import plain_patchcore
@@ -68,7 +69,7 @@ def _ensemble_config(**extra: str):
         "model.pretrain_embed_dimension=64",
         "model.target_embed_dimension=32",
     ]
-    return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
+    return load_export_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
 
 
 def test_embedding_is_the_original_patchcore_per_backbone_concatenated():
@@ -87,7 +88,7 @@ def test_embedding_is_the_original_patchcore_per_backbone_concatenated():
 
 
 def test_single_backbone_with_dimensions_is_the_original_patchcore():
-    config = load_config(None, [*SMALL_OVERRIDES, "model.layers=[layer3, layer2]", "model.pretrain_embed_dimension=96"])
+    config = load_export_config(None, [*SMALL_OVERRIDES, "model.layers=[layer3, layer2]", "model.pretrain_embed_dimension=96"])
     assert config.model.embed_dimensions() == (96, 1024)
     module, _ = build_from_config(config.model, (128, 128))
     images = torch.randn(1, 3, 128, 128)
@@ -129,18 +130,18 @@ def test_ensemble_exports_and_scores_end_to_end(sample_data: Path, tmp_path: Pat
 
 def test_ensemble_config_errors_name_the_layer():
     with pytest.raises(ConfigError, match=r"layer 'layer2': an ensemble's layers start with the backbone's index 0\.\.1"):
-        load_config(None, ["model.backbone=[resnet18, densenet121]", "model.layers=[layer2, 1.features.denseblock2]"])
+        load_export_config(None, ["model.backbone=[resnet18, densenet121]", "model.layers=[layer2, 1.features.denseblock2]"])
     with pytest.raises(ConfigError, match=r"no layers for backbone\(s\) \['densenet121'\]"):
-        load_config(None, ["model.backbone=[resnet18, densenet121]", "model.layers=[0.layer2]"])
+        load_export_config(None, ["model.backbone=[resnet18, densenet121]", "model.layers=[0.layer2]"])
     with pytest.raises(ConfigError, match="3 weights for 2 backbones"):
-        load_config(None, ["model.backbone=[a, b]", "model.layers=[0.x, 1.y]", "model.weights=[random, random, random]"])
-    assert load_config(None, ["model.backbone=[a, b]", "model.layers=[0.x, 1.y]"]).model.embed_dimensions() == (1024, 384)
+        load_export_config(None, ["model.backbone=[a, b]", "model.layers=[0.x, 1.y]", "model.weights=[random, random, random]"])
+    assert load_export_config(None, ["model.backbone=[a, b]", "model.layers=[0.x, 1.y]"]).model.embed_dimensions() == (1024, 384)
 
 
 def test_ensemble_example_config_builds_patchcores_best_ensemble():
     """configs/ensemble.yaml (the README's example) is valid and its layers exist: built on the meta device."""
     path = Path(__file__).parents[1] / "configs" / "ensemble.yaml"
-    config = load_config(path, ["model.weights=random"])  # no download; shapes only
+    config = load_export_config(path, ["model.weights=random"])  # no download; shapes only
     assert config.model.backbones == ["wideresnet101", "resnext101", "densenet201"]
     assert config.model.embed_dimensions() == (1024, 384)
     size = config.preprocess.image_size

@@ -185,7 +185,7 @@ def slow_artifact(sample_data, tmp_path_factory) -> Path:
     """A model slower than a 10 fps camera on one thread: 150 ms a frame at least, whatever the machine (the
     input grows until it is)."""
     from patchline.export.fit import export_artifact
-    from patchline.runtime.config import load_config
+    from patchline.export.config import load_export_config
 
     images = tmp_path_factory.mktemp("few")
     for path in sorted((sample_data / "train" / "good").iterdir())[:4]:
@@ -193,7 +193,7 @@ def slow_artifact(sample_data, tmp_path_factory) -> Path:
     for size in (256, 384, 512):
         out = tmp_path_factory.mktemp(f"slow{size}")
         overrides = [*SMALL_OVERRIDES, "model.layers=[layer2, layer3]", f"preprocess.image_size={size}"]
-        export_artifact(load_config(None, overrides), images, out, progress=False)
+        export_artifact(load_export_config(None, overrides), images, out, progress=False)
         inspector = Inspector(out, device="cpu", threads=1)
         inspector.warm_up()
         if min(inspector.inspect(good_part(i)).timings_ms["total"] for i in range(3)) >= 150:
