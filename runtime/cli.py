@@ -365,6 +365,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     sys.exit(daemon.run())
 
 
+def _add_config_options(p: argparse.ArgumentParser, run_config_does: str) -> None:
+    """--config, --set and --camera of the commands that use a camera's engine (``_settings`` reads them)."""
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML config whose tensorrt section is used; a run config (/etc/patchline/<name>.yaml) "
+                        + run_config_does)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
+    p.add_argument("--camera", help="the camera of a line's run config (cameras:) whose settings to use")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchline", description="PatchCore visual inspection for production lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -384,12 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("engine", help="build or check the TensorRT engine for an artifact on this machine's GPU")
     p.add_argument("--artifact", type=Path, help="artifact folder (default: the run config's)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="YAML config whose tensorrt section is used; a run config (/etc/patchline/<camera>.yaml) "
-                        "builds the engine that camera's service loads, in its cache")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
-    p.add_argument("--camera", help="the camera of a line's run config whose engine to build")
+    _add_config_options(p, "builds the engine that camera's service loads, in its cache")
     p.add_argument("--device", help="cuda or cuda:N (default: the run config's, else cuda)")
     p.add_argument("--check", action="store_true", help="only check the cached engine; fail if missing or stale")
     p.add_argument("--calibrate", type=Path, metavar="IMAGES",
@@ -419,12 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("eval", cmd_eval, "score an MVTec-layout test set and report AUROC")):
         p = sub.add_parser(name, help=help_text)
         # Defaults are applied by _settings: a run config as --config fills what is not given here.
-        p.add_argument("--config", type=Path, default=None,
-                       help="YAML config whose tensorrt section is used; a run config (/etc/patchline/<camera>.yaml) "
-                            "also sets the options below that are not given, as that camera runs")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set tensorrt.precision=fp32 (repeatable)")
-        p.add_argument("--camera", help="the camera of a line's run config whose settings to use")
+        _add_config_options(p, "also sets the options below that are not given, as that camera runs")
         p.add_argument("--artifact", type=Path, help="artifact folder (default: the run config's)")
         p.add_argument("--device", choices=DEVICES,
                        help="onnxruntime: its provider (tensorrt = ONNX Runtime's TensorRT provider); default auto")
