@@ -94,7 +94,7 @@ class Daemon:
             engine = camera.model.current.inspector.engine
             log.info("%s, engine %s (%s)", camera.describe(), camera.config.engine,
                      ", ".join(getattr(engine, "providers", [camera.config.device])))
-        if len(self.models) < len(self.cameras) or len(self.cameras) > 1:
+        if len(self.cameras) > 1:
             log.info("line %s: %d cameras, %d models; batches of up to %d frames, waiting at most %g ms", cfg.line,
                      len(self.cameras), len(self.models), cfg.batching.max_batch, cfg.batching.max_wait_ms)
         for camera in self.cameras:
