@@ -7,8 +7,8 @@ Modes: ``continuous`` inspects the newest frame whenever the model is free (olde
 the source and counted); ``trigger`` inspects, per PLC trigger, the first frame captured at or after the
 trigger arrived (runtime/triggers.py keeps it while the model is busy).
 
-Everything a camera owns is its own — source, seq counter, MQTT connection (its topics, its will), spool,
-evidence, metrics labelled ``camera=`` — so one camera's stall, bad frames or unreachable broker never
+Everything a camera owns is its own — source, seq counter, sinks (its MQTT connection with its topics and will,
+its spool; its part of each other output), evidence, metrics labelled ``camera=`` — so one camera's stall, bad frames or unreachable broker never
 stop the others. Nothing the disk does stops the loop: a verdict whose seq cannot be recorded is not
 published (SeqCounter), the spool falls back to memory, evidence is skipped and the verdict says why;
 each failed write is counted and logged (runtime/disk_writes.py).
@@ -32,7 +32,7 @@ from patchline.runtime.search.distance import NonFiniteError
 from patchline.runtime.evidence import DISABLED, NOT_WRITTEN, EvidenceStore, InOrder
 from patchline.runtime.inspector import Inspection
 from patchline.runtime.metrics import Metrics
-from patchline.runtime.sinks import open_sinks
+from patchline.runtime.sinks import Output, Sinks
 from patchline.runtime.sources import open_source
 from patchline.runtime.sources.base import EndOfStream, Frame, SourceConfigError
 from patchline.runtime.triggers import Trigger, TriggeredFrames
@@ -49,8 +49,8 @@ EXIT_CRASH = 70  # sysexits' EX_SOFTWARE: a bug; systemd restarts the unit (Rest
 class Camera:
     """One camera's pipeline; ``start()`` runs it on its own thread until ``stop()`` or its source ends."""
 
-    def __init__(self, config: CameraConfig, line: LineConfig, model: SharedModel, evidence_dir: Path,
-                 inference: Histogram) -> None:
+    def __init__(self, config: CameraConfig, line: LineConfig, model: SharedModel, outputs: list[Output],
+                 evidence_dir: Path, inference: Histogram) -> None:
         self.config = config
         self.name = config.camera
         self.model = model
@@ -60,12 +60,12 @@ class Camera:
         self.seq = SeqCounter(state / f"{self.name}.seq")
         # The line sets this: a "model/set" command goes to the model updates of this camera's model.
         self.on_model_set: Callable[[dict], None] | None = None
-        (self.sink,) = open_sinks(line, self.name, self._on_trigger, self.disk, self._on_command)
+        self.sink = Sinks([output.sink(self.name, self._on_trigger, self._on_command, self.disk) for output in outputs])
         self.publisher = InOrder(self.sink.publish_verdict)
         evidence = config.evidence
         self.evidence = (EvidenceStore(evidence.dir or evidence_dir, evidence.quota_mb, evidence.format,
                                        evidence.min_free_mb, self.disk) if evidence.enabled else None)
-        self.metrics = Metrics(self.name, self.source, [self.sink], self.evidence, self.disk, inference)
+        self.metrics = Metrics(self.name, self.source, self.sink, self.evidence, self.disk, inference)
         self.frames = (TriggeredFrames(self.source, config.trigger.timeout_s, config.trigger.max_pending)
                        if config.mode == "trigger" else None)
         self.stop_requested = threading.Event()
@@ -86,7 +86,7 @@ class Camera:
                 f"source {self.source.description}")
 
     def connect(self) -> None:
-        """Recover the spool and connect to the broker (in the background); MqttError on an unusable config."""
+        """Start the sinks (recover the MQTT spool, connect in the background); ConfigError on an unusable config."""
         self.sink.start()
         self.announce_model(self.model.current)
 

@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from patchline.runtime.artifact import PRECISIONS
 from patchline.runtime.config_section import Section
 from patchline.runtime.search import DISTANCES
+from patchline.runtime.sinks.mqtt.config import MqttConfig
 from patchline.runtime.sources import SourceConfig
 
 
@@ -176,31 +177,6 @@ def _validate(source: str, data: dict[str, Any], overrides: list[str], model: ty
         raise ConfigError(_format_errors(source, exc, model)) from None
 
 
-class TlsConfig(Section):
-    ca_file: str | None = None
-    cert_file: str | None = None  # client certificate, for brokers that require mutual TLS
-    key_file: str | None = None
-    insecure: bool = False  # skip hostname check: only for commissioning against a broker with an IP-only cert
-
-
-class MqttConfig(Section):
-    """Broker connection; secrets come from the environment or systemd credentials, never the YAML."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    client_id: str | None = None  # default: patchline-<camera>
-    topic_prefix: str = "patchline"
-    protocol: Literal["3.1.1", "5"] = "5"
-    keepalive_s: int = Field(30, ge=5)
-    username: str | None = None
-    # Name of the password: read from $CREDENTIALS_DIRECTORY/<name> (systemd LoadCredential) or env var <name>.
-    password_credential: str | None = None
-    tls: TlsConfig | None = None
-    queue_max_count: int = Field(10000, ge=1)  # verdicts held while the broker is unreachable
-    queue_max_age_s: float = Field(3600.0, gt=0)
-    spool_dir: str | None = None  # default: the daemon's state directory
-
-
 class MetricsConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"  # 0.0.0.0 to let a Prometheus on another host scrape
@@ -316,17 +292,23 @@ class ModelUpdatesConfig(Section):
     command_key_credential: str | None = None
 
 
-class LineConfig(Section):
-    """``patchline run`` for a line: several cameras in one process, one broker, one metrics port."""
+class LineSettings(Section):
+    """What a line's cameras share, in a line's config and beside a single camera's settings: the outputs (one
+    field per entry of ``runtime.sinks.OUTPUTS``, named as its key; None: that output is off), metrics, state."""
 
-    line: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the process's name, e.g. the systemd instance
-    cameras: list[CameraConfig] = Field(min_length=1)
-    batching: BatchingConfig = BatchingConfig()
     model_updates: ModelUpdatesConfig = ModelUpdatesConfig()
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     # seq counters, MQTT spools and the folder sources' memories, one file each per camera; evidence/<camera>/
     state_dir: str = Field(default_factory=_state_directory)
+
+
+class LineConfig(LineSettings):
+    """``patchline run`` for a line: several cameras in one process, one broker, one metrics port."""
+
+    line: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the process's name, e.g. the systemd instance
+    cameras: list[CameraConfig] = Field(min_length=1)
+    batching: BatchingConfig = BatchingConfig()
 
     @field_validator("cameras")
     @classmethod
@@ -346,18 +328,13 @@ class LineConfig(Section):
         return self
 
 
-class RunConfig(CameraConfig):
-    """``patchline run`` for one camera: the camera's settings and the broker, metrics and state beside them."""
-
-    model_updates: ModelUpdatesConfig = ModelUpdatesConfig()
-    mqtt: MqttConfig = MqttConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    state_dir: str = Field(default_factory=_state_directory)  # seq counter, MQTT spool, evidence
+class RunConfig(CameraConfig, LineSettings):
+    """``patchline run`` for one camera: the camera's settings and the line's beside them."""
 
     def as_line(self) -> LineConfig:
         camera = CameraConfig(**{name: getattr(self, name) for name in CameraConfig.model_fields})
-        return LineConfig(line=self.camera, cameras=[camera], model_updates=self.model_updates, mqtt=self.mqtt,
-                          metrics=self.metrics, state_dir=self.state_dir)
+        shared = {name: getattr(self, name) for name in LineSettings.model_fields}
+        return LineConfig(line=self.camera, cameras=[camera], **shared)
 
 
 def load_line_config(path: str | Path, overrides: list[str] = ()) -> LineConfig:

@@ -2,7 +2,7 @@
 
     camera thread:  source → SharedModel ─┐      (runtime/camera.py, one per camera)
     camera thread:  source → SharedModel ─┤ model thread: one batch, inspected once (runtime/batching.py)
-                                          └→ each camera: decide → verdict → its MQTT sink (and NG evidence)
+                                          └→ each camera: decide → verdict → its sinks (and NG evidence)
 
 Cameras whose config names the same artifact and engine settings share one loaded model, and their
 frames are batched. The main thread supervises: it pings systemd's watchdog while every camera's loop
@@ -30,6 +30,7 @@ from patchline.runtime.credentials import read_credential
 from patchline.runtime.gpu_preflight import preflight
 from patchline.runtime.model_updates import ModelUpdates, Slot, load_model
 from patchline.runtime.metrics import LineCollector, MetricsServer, inference_histogram
+from patchline.runtime.sinks import open_outputs
 from patchline.runtime.systemd import Notifier
 
 log = logging.getLogger("patchline.daemon")
@@ -68,10 +69,12 @@ class Daemon:
             name = model_id + (f"-{len(self.models)}" if any(m.name == model_id for m in self.models.values()) else "")
             self.models[key] = SharedModel(loaded, config.batching, name)
             slots[key] = Slot(self.models[key], group[0].artifact, group[0])
+        self.outputs = open_outputs(config)
         self.cameras: list[Camera] = []
         for camera in config.cameras:
             evidence = state / "evidence" if len(config.cameras) == 1 else state / "evidence" / camera.camera
-            self.cameras.append(Camera(camera, config, self.models[camera.model_key()], evidence, inference))
+            self.cameras.append(Camera(camera, config, self.models[camera.model_key()], self.outputs, evidence,
+                                       inference))
             slots[camera.model_key()].cameras.append(self.cameras[-1])
         key_name = config.model_updates.command_key_credential
         key = read_credential(key_name, "model_updates.command_key_credential").encode() if key_name else None
@@ -97,6 +100,8 @@ class Daemon:
         if len(self.cameras) > 1:
             log.info("line %s: %d cameras, %d models; batches of up to %d frames, waiting at most %g ms", cfg.line,
                      len(self.cameras), len(self.models), cfg.batching.max_batch, cfg.batching.max_wait_ms)
+        for output in self.outputs:
+            output.start()
         for camera in self.cameras:
             camera.connect()  # before the metrics are served: the spool's verdicts are counted from the first scrape
         if cfg.metrics.enabled:
@@ -155,6 +160,8 @@ class Daemon:
             if not camera.closed:
                 own = "stopped" if camera.exit_code in (None, EXIT_OK) else "offline"
                 camera.shutdown(availability if availability == "offline" else own, FLUSH_TIMEOUT_S)
+        for output in self.outputs:
+            output.close(availability)
         self.updates.close()
         for model in self.models.values():
             model.close()  # GPU memory is freed here, in its context, not left to the interpreter's exit

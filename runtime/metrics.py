@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -63,7 +63,7 @@ def inference_histogram(registry: CollectorRegistry) -> Histogram:
 class Metrics:
     """All metrics of one camera (labels ``camera=``); a line's ``LineCollector`` serves them with the others'."""
 
-    def __init__(self, camera: str, source: FrameSource, sinks: Sequence[Sink], evidence: EvidenceStore | None,
+    def __init__(self, camera: str, source: FrameSource, sink: Sink, evidence: EvidenceStore | None,
                  disk: DiskWrites, inference: Histogram) -> None:
         self.camera = camera
         self.started = time.monotonic()
@@ -72,7 +72,7 @@ class Metrics:
         self.trigger_errors: dict[str, int] = {}
         self.inspection_errors: dict[str, int] = {}
         self.inference = inference.labels(camera)
-        self.collected = _Collected(self, source, sinks, evidence, disk)
+        self.collected = _Collected(self, source, sink, evidence, disk)
 
     def inspected(self, seconds: float, verdict: str) -> None:
         self.fps.tick()
@@ -96,9 +96,9 @@ def per_camera(family: type[CounterMetricFamily | GaugeMetricFamily], camera: st
 
 
 class _Collected(Collector):
-    def __init__(self, metrics: Metrics, source: FrameSource, sinks: Sequence[Sink], evidence: EvidenceStore | None,
+    def __init__(self, metrics: Metrics, source: FrameSource, sink: Sink, evidence: EvidenceStore | None,
                  disk: DiskWrites) -> None:
-        self.metrics, self.source, self.sinks, self.evidence, self.disk = metrics, source, sinks, evidence, disk
+        self.metrics, self.source, self.sink, self.evidence, self.disk = metrics, source, sink, evidence, disk
 
     def collect(self) -> Iterator[Metric]:
         camera = self.metrics.camera
@@ -147,8 +147,7 @@ class _Collected(Collector):
             "patchline_last_frame_age_seconds": ("Seconds since the last frame (NaN before the first)",
                                                  float("nan") if age is None else age),
         })
-        for sink in self.sinks:
-            yield from sink.collect(camera)
+        yield from self.sink.collect(camera)
 
 
 class LineCollector(Collector):

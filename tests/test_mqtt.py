@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from patchline.runtime.config import MqttConfig, TlsConfig
+from patchline.runtime.sinks.mqtt.config import MqttConfig, TlsConfig
 from patchline.runtime.decision import Decision
 from patchline.runtime.config import ConfigError
 from patchline.runtime.credentials import read_credential

@@ -9,7 +9,8 @@ import ssl
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from patchline.runtime.config import ConfigError, MqttConfig
+from patchline.runtime.config import ConfigError
+from patchline.runtime.sinks.mqtt.config import MqttConfig
 from patchline.runtime.credentials import read_credential
 
 # paho stops resending after a reconnect at its first message over the in-flight limit: keep it far above

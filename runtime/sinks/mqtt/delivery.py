@@ -23,7 +23,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from patchline.runtime.config import MqttConfig
+from patchline.runtime.sinks.mqtt.config import MqttConfig
 from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.sinks.mqtt.spool import Spool
 

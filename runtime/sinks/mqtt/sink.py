@@ -27,9 +27,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from patchline.runtime.config import MqttConfig
+from patchline.runtime.config import LineConfig
 from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.metrics import per_camera
+from patchline.runtime.sinks.mqtt.config import MqttConfig
 from patchline.runtime.sinks.mqtt.client import FATAL_CONNACK, RECONNECT_DELAY_S, make_client
 from patchline.runtime.sinks.mqtt.delivery import Delivery, Entry
 from patchline.runtime.sinks.mqtt.topics import Topics
@@ -361,3 +362,21 @@ class MqttSink:
         report = self._error_message({"error": "retained_trigger", "detail": detail, "part_id": part_id,
                                       "topic": message.topic})
         self._report_error(report, response_topic, correlation)
+
+
+class MqttOutput:
+    """The ``mqtt`` output: every camera its own MqttSink, with its own connection and will (nothing shared)."""
+
+    def __init__(self, config: MqttConfig, line: LineConfig) -> None:
+        self.config = config
+        self.state_dir = line.state_dir
+
+    def sink(self, camera: str, on_trigger: Callable[[Trigger], None], on_command: Callable[[str, dict], None],
+             disk: DiskWrites) -> MqttSink:
+        return MqttSink(self.config, camera, self.state_dir, on_trigger=on_trigger, disk=disk, on_command=on_command)
+
+    def start(self) -> None:
+        """Nothing shared to open: each camera's sink connects when the camera starts it."""
+
+    def close(self, availability: str) -> None:
+        """Nothing shared to close: each camera's sink announced its own availability when it stopped."""
