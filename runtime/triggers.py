@@ -9,8 +9,8 @@ one not inspected within ``timeout_s`` of its arrival is given up with the truth
 ``no_frame`` when no frame came at or after it, ``model_busy`` when its frame was there but
 the model was busy with earlier triggers.
 
-``Trigger`` and ``parse_trigger`` are the input side every protocol shares: a sink that takes triggers (MQTT
-today) parses its payloads here and hands each ``Trigger`` to the daemon.
+``Trigger``, ``parse_trigger`` and ``check_part_id`` are the input side every protocol shares: a sink that takes
+triggers checks its part ids here and hands each ``Trigger`` to the daemon.
 """
 
 from __future__ import annotations
@@ -60,6 +60,14 @@ def parse_trigger(payload: bytes) -> str:
         if "part_id" not in value:
             raise ValueError("JSON object has no part_id")
         value = value["part_id"]
+    return check_part_id(value)
+
+
+def check_part_id(value: object) -> str:
+    """``value`` as a part id (a string, or an integer as its decimal digits), whatever protocol brought it.
+
+    Raises ValueError saying what is wrong.
+    """
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"part_id must be a string or an integer, got {type(value).__name__}")
     part_id = str(value).strip()
