@@ -4,6 +4,7 @@ in the test answers triggers from its own thread, as the daemon's camera does. O
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -22,6 +23,8 @@ from patchline.runtime.sinks.modbus.server import ModbusOutput, ModbusSink
 from patchline.runtime.tools.broker import free_port
 from patchline.runtime.tools.sample_verdict import sample_verdict
 from patchline.runtime.triggers import Trigger
+from tests.conftest import needs_gstreamer
+from tests.test_daemon import LIVE, run_config, running, subscriber  # noqa: F401 (a fixture)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TIMEOUT = 20.0  # generous: a loaded 2-core machine
@@ -128,8 +131,9 @@ def flag(client: ModbusTcpClient, address: int, unit: int = 1) -> int:
 def expected(verdict: dict) -> dict:
     return {"error": 0, "ok": int(verdict["verdict"] == "OK"), "ng": int(verdict["verdict"] == "NG"),
             "seq": verdict["seq"], "part_id": int(verdict["part_id"] or 0), "score": round(verdict["score"] * 1000),
-            "normalised": round(verdict["normalised_score"] * 1000), "threshold": round(verdict["threshold"] * 1000),
-            "x": verdict["location"]["x"], "y": verdict["location"]["y"], "model_hash": 0xABABABAB}
+            "normalised": r.NONE if verdict["normalised_score"] is None else round(verdict["normalised_score"] * 1000),
+            "threshold": round(verdict["threshold"] * 1000), "x": verdict["location"]["x"], "y": verdict["location"]["y"],
+            "model_hash": int(verdict["artifact_checksum"][:8], 16)}
 
 
 def held_trigger(plc: ModbusTcpClient, camera: FakeCamera, part_id: int) -> None:
@@ -307,3 +311,32 @@ def metrics(sink: ModbusSink) -> dict[str, float]:
     samples = [s for family in sink.collect(sink.camera) for s in family.samples]
     assert all(s.labels == {"camera": sink.camera} for s in samples)
     return {s.name: s.value for s in samples}
+
+
+@needs_gstreamer
+def test_the_daemon_answers_a_plc_handshake_with_what_mqtt_published(tmp_path, mosquitto, subscriber, small_artifact):
+    port = free_port()
+    config = run_config(tmp_path, small_artifact, mosquitto.port, {"kind": "gstreamer", "pipeline": LIVE},
+                        threshold=1.0, mode="trigger", evidence={"enabled": False}, modbus={"port": port})
+    answers = []
+    with running(config):
+        subscriber.wait_for(lambda: subscriber.on("available") and subscriber.on("model"), timeout=90)
+        plc = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
+        assert plc.connect()
+        try:
+            wait_until(lambda: flag(plc, r.CAMERA_STATE) == r.STATE_ONLINE, what="the camera online")
+            model = json.loads(subscriber.on("model")[-1].payload)
+            assert r.decode_ascii(read(plc, r.MODEL_ID, r.MODEL_ID_REGISTERS)) == model["model_id"][:32]
+            for part_id in (501, 502):
+                trigger(plc, part_id)
+                wait_until(lambda: flag(plc, r.DONE), timeout=60, what=f"done for part {part_id}")
+                answers.append(result(plc, r.TRIGGER_RESULT))
+                plc.write_register(r.TRIGGER, 0)
+                wait_until(lambda: flag(plc, r.DONE) == 0, what="done cleared")
+            subscriber.wait_for(lambda: len(subscriber.verdicts()) == 2)
+            assert result(plc, r.LATEST_RESULT) == answers[-1]
+        finally:
+            plc.close()
+    published = subscriber.verdicts()
+    assert [v["part_id"] for v in published] == ["501", "502"]
+    assert answers == [expected(v) for v in published]
