@@ -306,6 +306,18 @@ def test_the_readme_shows_the_register_map():
     assert {name: int(code) for code, name in codes} == r.ERRORS
 
 
+def test_the_readme_example_runs_a_handshake(served):
+    port = served[2]
+    code = re.search(r"Example, a PLC in Python.*?```python\n(.*?)```", README.read_text(), re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(code.replace('"10.0.0.5", port=502', f'"127.0.0.1", port={port}'), namespace)
+    namespace["plc"].close()
+    verdict = served[1]["cam1"].verdicts[0]
+    assert (namespace["seq"], namespace["score"], namespace["ng"]) == (verdict["seq"], round(verdict["score"] * 1000) / 1000,
+                                                                       int(verdict["verdict"] == "NG"))
+    assert verdict["part_id"] == "4711"
+
+
 def metrics(sink: ModbusSink) -> dict[str, float]:
     """The sink's samples by name, each labelled with its camera."""
     samples = [s for family in sink.collect(sink.camera) for s in family.samples]

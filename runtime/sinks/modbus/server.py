@@ -324,7 +324,9 @@ class ModbusOutput:
 
     def close(self, availability: str) -> None:
         """Stop serving (every camera's sink has stopped and shown its state) and end the thread."""
-        if not self._thread.is_alive():
+        if not self._thread.is_alive():  # never started, or its start failed
+            if not self._loop.is_closed():
+                self._loop.close()
             return
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(LISTEN_TIMEOUT_S)
         self._stop_loop()
