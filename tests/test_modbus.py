@@ -225,6 +225,12 @@ def test_out_of_range_writes_are_refused_and_the_server_goes_on(served, plc):
     assert plc.read_holding_registers(r.REGISTERS, count=1).isError()  # beyond the map
     unknown = plc.read_holding_registers(r.BUSY, count=1, device_id=9)
     assert unknown.isError() and unknown.exception_code == 0x0B  # gateway target failed to respond
+    with socket.create_connection(("127.0.0.1", served[2])) as raw:  # not Modbus at all: no answer, no harm
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: plc\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", served[2]), timeout=TIMEOUT) as raw:  # a function it lacks
+        raw.sendall(bytes([0, 9, 0, 0, 0, 2, 1, 0x41]))
+        answer = raw.recv(100)
+        assert answer[:2] == bytes([0, 9]) and answer[7] & 0x80 and answer[8] == 1  # exception 01, illegal function
     trigger(plc, 5)  # and the server, and the camera, go on
     wait_until(lambda: flag(plc, r.DONE), what="done after the refusals")
     assert result(plc, r.TRIGGER_RESULT)["seq"] == camera.verdicts[0]["seq"]
