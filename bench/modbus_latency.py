@@ -117,7 +117,8 @@ def main() -> None:
         "pymodbus": pymodbus.__version__,
         "count": args.count,
         "rate_per_s": args.rate,
-        "latency": {**percentiles(latency), "missed": args.count - len(latency)},
+        # a seq the poller never read: a poll stalled past the next publish, which overwrote it (the PLC sees a gap)
+        "latency": {**percentiles(latency), "overwritten_before_read": args.count - len(latency)},
         "publish_verdict_call": percentiles(calls),
         "poll": percentiles(report["polls_s"]),
     }
