@@ -403,6 +403,8 @@ class SparkplugOutput:
     # -- inbound: commands and the primary host's STATE --------------------------------------------------
 
     def _message(self, topic: str, payload: bytes, retain: bool) -> None:
+        if not payload:
+            return  # an empty message clears a retained one (what the refusal of a retained command asks for)
         if self.config.primary_host_id is not None and topic == sp.Topics.state(self.config.primary_host_id):
             self._host_state(payload)
             return
