@@ -26,6 +26,9 @@ from patchline.runtime.tools.broker import Listener
 from patchline.runtime.tools.sample_verdict import sample_verdict
 from patchline.runtime.triggers import Trigger
 from patchline.runtime.verdict import epoch_seconds
+from tests.test_daemon import Subscriber, calibrated_artifact, defective, finish, good_part, run_config, start_daemon
+
+__all__ = ["calibrated_artifact"]  # a fixture, used by name
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "runtime" / "sinks" / "sparkplug"
@@ -239,6 +242,36 @@ def test_bdseq_pairs_the_will_with_its_birth_across_a_kill_9_and_a_restart(tmp_p
     first, death, second = host.of("NBIRTH")[0], host.of("NDEATH")[0], host.of("NBIRTH")[1]
     assert metrics(death)[sp.BDSEQ] == metrics(first)[sp.BDSEQ]
     assert metrics(second)[sp.BDSEQ] == (metrics(first)[sp.BDSEQ] + 1) % 256
+
+
+def test_the_daemon_publishes_the_same_verdicts_as_ddata_as_on_mqtt(tmp_path, mosquitto, host, calibrated_artifact):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = run_config(tmp_path, calibrated_artifact, mosquitto.port,
+                        {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.1},
+                        sparkplug={"group_id": GROUP, "edge_node_id": NODE})
+    subscriber = Subscriber(mosquitto.port)
+
+    def verdict_data() -> list[tuple]:
+        return [(values["Inspection/Seq"], values["Inspection/Verdict"], values["Inspection/Score"])
+                for values in map(metrics, host.of("DDATA", "cam1")) if "Inspection/Seq" in values]
+
+    daemon = start_daemon(config)
+    try:
+        for count, image in enumerate([good_part(200), defective(good_part(201)), good_part(202)], start=1):
+            cv2.imwrite(str(tmp_path / "part.png"), image[..., ::-1])
+            (tmp_path / "part.png").replace(inbox / f"{count}.png")
+            subscriber.wait_for(lambda: len(subscriber.verdicts()) == count, timeout=90)
+        host.wait(lambda: len(verdict_data()) == 3, timeout=30)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        subscriber.close()
+    code, output = finish(daemon)
+    assert code == 0, output
+    mqtt = [(v["seq"], v["verdict"], v["score"]) for v in subscriber.verdicts()]
+    assert verdict_data() == mqtt and [v for _, v, _ in mqtt] == ["OK", "NG", "OK"], output
+    kinds = [k for k, _, _ in host.messages()]
+    assert kinds[:2] == ["NBIRTH", "DBIRTH"] and kinds[-2:] == ["DDEATH", "NDEATH"], kinds
 
 
 def child_main() -> None:
