@@ -10,7 +10,8 @@ ARTIFACT ?= artifacts/model
 # TensorRT, pycuda, CuPy of that CUDA major); cpu,jetson on a Jetson. Exactly one: they overwrite each other.
 RUNTIME_EXTRA ?= cpu
 
-.PHONY: demo demo-artifact test test-py311 test-py310 export system-deps venv clean engine bench bench-line bench-gpu gpu-check install
+SPARKPLUG := runtime/sinks/sparkplug
+.PHONY: proto demo demo-artifact test test-py311 test-py310 export system-deps venv clean engine bench bench-line bench-gpu gpu-check install
 
 # Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
 system-deps:
@@ -38,6 +39,10 @@ $(VENV310)/bin/patchline: pyproject.toml constraints.txt
 	$(VENV310)/bin/pip install -q -c constraints.txt --upgrade pip 'setuptools>=68' wheel
 	$(VENV310)/bin/pip install -q -c constraints.txt -e '.[cpu,test]'
 	touch $@
+
+# Sparkplug B's payload classes from sparkplug_b.proto (committed; tests/test_sparkplug.py checks them).
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -I$(SPARKPLUG) --python_out=$(SPARKPLUG) $(SPARKPLUG)/sparkplug_b.proto
 
 # The demo's calibrated model, which make demo, bench-gpu and gpu-check start from.
 demo-artifact: venv

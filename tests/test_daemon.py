@@ -506,7 +506,7 @@ def test_a_scrape_shows_the_same_metric_families_and_the_sinks_counts(tmp_path, 
     sink = MqttSink(MqttConfig(port=mosquitto.port), CAMERA, tmp_path, disk=disk)
     evidence = EvidenceStore(tmp_path / "evidence", 1, "png", 1, disk)
     registry = CollectorRegistry()
-    metrics = Metrics(CAMERA, source, [sink], evidence, disk, inference_histogram(registry))
+    metrics = Metrics(CAMERA, source, sink, evidence, disk, inference_histogram(registry))
     registry.register(LineCollector([metrics], lambda: {"resnet18-test": (2, 3)}))
     server = MetricsServer(registry, lambda: (True, {}), "127.0.0.1", 0)
     # A sample in every family, so that the scrape shows each one's labels.
