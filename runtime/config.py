@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from patchline.runtime.artifact import PRECISIONS
 from patchline.runtime.config_section import Section
 from patchline.runtime.search import DISTANCES
+from patchline.runtime.sinks.modbus.config import ModbusConfig
 from patchline.runtime.sinks.mqtt.config import MqttConfig
 from patchline.runtime.sinks.sparkplug.config import SparkplugConfig
 from patchline.runtime.sources import SourceConfig
@@ -300,6 +301,7 @@ class LineSettings(Section):
     model_updates: ModelUpdatesConfig = ModelUpdatesConfig()
     mqtt: MqttConfig = MqttConfig()
     sparkplug: SparkplugConfig | None = None
+    modbus: ModbusConfig | None = None  # a Modbus TCP server for the PLCs (README: Modbus TCP)
     metrics: MetricsConfig = MetricsConfig()
     # seq counters, MQTT spools and the folder sources' memories, one file each per camera; evidence/<camera>/
     state_dir: str = Field(default_factory=_state_directory)

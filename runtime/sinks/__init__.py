@@ -85,6 +85,7 @@ class Output(Protocol):
 OUTPUTS: dict[str, str] = {
     "mqtt": "patchline.runtime.sinks.mqtt.sink:MqttOutput",
     "sparkplug": "patchline.runtime.sinks.sparkplug.node:SparkplugOutput",
+    "modbus": "patchline.runtime.sinks.modbus.server:ModbusOutput",
 }
 EXTRAS = {"opcua": "opcua", "sparkplug": "sparkplug", "modbus": "modbus"}  # the pip extra each output needs
 

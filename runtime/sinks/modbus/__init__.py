@@ -1,0 +1,1 @@
+"""The ``modbus`` output: a Modbus TCP server for PLCs that speak only Modbus (register map: registers.py)."""
