@@ -20,6 +20,7 @@ from patchline.runtime.artifact import PRECISIONS
 from patchline.runtime.config_section import Section
 from patchline.runtime.search import DISTANCES
 from patchline.runtime.sinks.mqtt.config import MqttConfig
+from patchline.runtime.sinks.opcua.config import OpcUaConfig
 from patchline.runtime.sources import SourceConfig
 
 
@@ -298,6 +299,7 @@ class LineSettings(Section):
 
     model_updates: ModelUpdatesConfig = ModelUpdatesConfig()
     mqtt: MqttConfig = MqttConfig()
+    opcua: OpcUaConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     # seq counters, MQTT spools and the folder sources' memories, one file each per camera; evidence/<camera>/
     state_dir: str = Field(default_factory=_state_directory)

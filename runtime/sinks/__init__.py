@@ -84,6 +84,7 @@ class Output(Protocol):
 # key (the run config's section) → "module:factory", imported when the section is set.
 OUTPUTS: dict[str, str] = {
     "mqtt": "patchline.runtime.sinks.mqtt.sink:MqttOutput",
+    "opcua": "patchline.runtime.sinks.opcua.server:OpcUaOutput",
 }
 EXTRAS = {"opcua": "opcua", "sparkplug": "sparkplug", "modbus": "modbus"}  # the pip extra each output needs
 
