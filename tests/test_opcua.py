@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ from patchline.runtime.sinks.opcua.server import OpcUaOutput  # noqa: E402
 from patchline.runtime.tools.broker import free_port  # noqa: E402
 from patchline.runtime.tools.sample_verdict import sample_verdict  # noqa: E402
 from patchline.runtime.triggers import Trigger  # noqa: E402
+from tests.conftest import needs_gstreamer  # noqa: E402
+from tests.test_daemon import CAMERA, LIVE, Subscriber, finish, run_config, start_daemon  # noqa: E402
 
 USER, PASSWORD, CREDENTIAL = "plc", "correct horse", "PATCHLINE_TEST_OPCUA_PASSWORD"
 NAMESPACE = "urn:patchline:opcua"
@@ -328,3 +331,53 @@ def test_an_unloadable_certificate_is_a_config_error(line, certs, tmp_path):
     broken.write_bytes(b"not a certificate")
     with pytest.raises(ConfigError, match="certificate .*broken.der does not load"):
         line(certificate=str(broken))
+
+
+@needs_gstreamer
+def test_the_daemon_answers_an_opcua_trigger_with_the_verdict_mqtt_publishes(tmp_path, mosquitto, small_artifact,
+                                                                            certs):
+    port = free_port()
+    opcua = {"host": "127.0.0.1", "port": port, "certificate": str(certs.server_cert),
+             "private_key": str(certs.server_key), "username": USER, "password_credential": CREDENTIAL}
+    config = run_config(tmp_path, small_artifact, mosquitto.port, {"kind": "gstreamer", "pipeline": LIVE},
+                        threshold=1.0, mode="trigger", evidence={"enabled": False}, opcua=opcua)
+    subscriber = Subscriber(mosquitto.port)
+    process = start_daemon(config, env={CREDENTIAL: PASSWORD})
+
+    async def until(predicate: Callable[[], object], what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not predicate():
+            assert time.monotonic() < deadline and process.poll() is None, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> list:
+        await until(lambda: subscriber.on("available"), "the daemon")  # the OPC UA server listens before MQTT
+        client = await connect(port, certs)
+        try:
+            handler = await subscribe(client, CAMERA)
+            camera, trigger = await node(client, CAMERA), await node(client, f"{CAMERA}/Trigger")
+            await camera.call_method(trigger, "P-OPC-1")
+            await until(lambda: len(subscriber.verdicts()) == 1, "the first verdict")
+            with pytest.raises(UaStatusCodeError) as refused:
+                await camera.call_method(trigger, "")
+            assert refused.value.code == ua.StatusCodes.BadInvalidArgument
+            subscriber.client.publish(f"patchline/{CAMERA}/trigger", "P-MQTT-2", qos=1).wait_for_publish(5)
+            await until(lambda: len(subscriber.verdicts()) == 2, "the second verdict")
+            return await handler.wait(2)
+        finally:
+            await client.disconnect()
+
+    try:
+        events = asyncio.run(scenario())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, 60)
+        subscriber.close()
+        print(output)  # shown when the test fails
+    assert code == 0, output
+    mqtt = subscriber.verdicts()
+    assert [(e.Seq, e.PartId, e.Verdict, e.Score) for e in events] == [
+        (v["seq"], v["part_id"], v["verdict"], pytest.approx(v["score"])) for v in mqtt]
+    assert [v["part_id"] for v in mqtt] == ["P-OPC-1", "P-MQTT-2"]
+    assert "answering Trigger('P-OPC-1')" in events[0].Message.Text and "answering" not in events[1].Message.Text
+    assert [json.loads(e.Json) for e in events] == mqtt

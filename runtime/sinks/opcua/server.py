@@ -38,6 +38,8 @@ from patchline.runtime.triggers import Trigger, check_part_id
 from patchline.runtime.verdict import iso_utc
 
 log = logging.getLogger(__name__)
+# asyncua logs every node it builds and every request at INFO: the daemon's log would be nothing else.
+logging.getLogger("asyncua").setLevel(logging.WARNING)
 
 START_TIMEOUT_S = 60.0  # building the address space and binding, on a loaded edge box
 MAX_QUEUE = 10000  # a camera's updates not yet applied; beyond that the server's loop is stuck: drop, count
