@@ -7,24 +7,19 @@ import asyncio
 import datetime
 import json
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 asyncua = pytest.importorskip("asyncua")
 from asyncua import Client, ua  # noqa: E402
-from asyncua.crypto import cert_gen  # noqa: E402
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256  # noqa: E402
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError  # noqa: E402
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
 
 from patchline.runtime.config import ConfigError, LineConfig  # noqa: E402
+from patchline.runtime.sinks.opcua.certificates import self_signed  # noqa: E402
 from patchline.runtime.sinks.opcua.config import OpcUaConfig  # noqa: E402
 from patchline.runtime.sinks.opcua.server import OpcUaOutput  # noqa: E402
 from patchline.runtime.tools.broker import free_port  # noqa: E402
@@ -39,21 +34,11 @@ CLIENT_URI = "urn:patchline:test-client"
 TIMEOUT = 30.0
 
 
-def make_pair(folder: Path, name: str, uri: str, usage: x509.ObjectIdentifier) -> tuple[Path, Path]:
-    key = cert_gen.generate_private_key()
-    cert = cert_gen.generate_self_signed_app_certificate(
-        key, name, {}, [x509.UniformResourceIdentifier(uri), x509.DNSName(socket.gethostname())], [usage])
-    cert_path, key_path = folder / f"{name}.der", folder / f"{name}.pem"
-    cert_path.write_bytes(cert.public_bytes(Encoding.DER))
-    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
-    return cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     folder = tmp_path_factory.mktemp("certs")
-    server = make_pair(folder, "server", "urn:patchline:server", ExtendedKeyUsageOID.SERVER_AUTH)
-    client = make_pair(folder, "client", CLIENT_URI, ExtendedKeyUsageOID.CLIENT_AUTH)
+    server = self_signed(folder, "server", "urn:patchline:server", server=True)
+    client = self_signed(folder, "client", CLIENT_URI, server=False)
     return SimpleNamespace(server_cert=server[0], server_key=server[1], client_cert=client[0], client_key=client[1])
 
 
