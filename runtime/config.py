@@ -21,6 +21,7 @@ from patchline.runtime.config_section import Section
 from patchline.runtime.search import DISTANCES
 from patchline.runtime.sinks.modbus.config import ModbusConfig
 from patchline.runtime.sinks.mqtt.config import MqttConfig
+from patchline.runtime.sinks.opcua.config import OpcUaConfig
 from patchline.runtime.sinks.sparkplug.config import SparkplugConfig
 from patchline.runtime.sources import SourceConfig
 
@@ -300,7 +301,8 @@ class LineSettings(Section):
 
     model_updates: ModelUpdatesConfig = ModelUpdatesConfig()
     mqtt: MqttConfig = MqttConfig()
-    sparkplug: SparkplugConfig | None = None
+    opcua: OpcUaConfig | None = None  # an OPC UA server (README: OPC UA server)
+    sparkplug: SparkplugConfig | None = None  # the line as a Sparkplug B edge node (README: Sparkplug B)
     modbus: ModbusConfig | None = None  # a Modbus TCP server for the PLCs (README: Modbus TCP)
     metrics: MetricsConfig = MetricsConfig()
     # seq counters, MQTT spools and the folder sources' memories, one file each per camera; evidence/<camera>/

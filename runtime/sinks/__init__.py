@@ -10,7 +10,7 @@ Every camera's verdicts go to every output that is on, the same verdicts with th
 A new output is a module (or package) here with its config class beside it (pydantic only, so that
 runtime/config.py can import it), a line in ``OUTPUTS`` and a ``LineSettings`` field of the same name in
 runtime/config.py (None: off). Its module is imported only when its section is set, so that an edge box
-installs the libraries of the protocols it speaks (the extras ``opcua``, ``sparkplug``, ``modbus``) and no other.
+installs the libraries of the protocols it speaks (the pip extra named as the key) and no other.
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ class Output(Protocol):
 # key (the run config's section) → "module:factory", imported when the section is set.
 OUTPUTS: dict[str, str] = {
     "mqtt": "patchline.runtime.sinks.mqtt.sink:MqttOutput",
+    "opcua": "patchline.runtime.sinks.opcua.server:OpcUaOutput",
     "sparkplug": "patchline.runtime.sinks.sparkplug.node:SparkplugOutput",
     "modbus": "patchline.runtime.sinks.modbus.server:ModbusOutput",
 }
-EXTRAS = {"opcua": "opcua", "sparkplug": "sparkplug", "modbus": "modbus"}  # the pip extra each output needs
 
 
 def open_outputs(line: LineConfig) -> list[Output]:
@@ -106,7 +106,7 @@ def open_outputs(line: LineConfig) -> list[Output]:
             factory = getattr(importlib.import_module(module), name)
         except ImportError as exc:
             raise ConfigError(f"{key}: this output needs {exc.name}, which is not installed: "
-                              f"pip install 'patchline[{EXTRAS.get(key, key)}]'") from None
+                              f"pip install 'patchline[{key}]'") from None  # each output's extra is named as its key
         outputs.append(factory(section, line))
     return outputs
 
