@@ -578,3 +578,35 @@ def test_a_retained_trigger_is_answered_on_error_at_every_start_and_never_inspec
     for error in errors:
         assert error["error"] == "retained_trigger" and error["part_id"] == "OLD-1"
         assert f"mosquitto_pub -r -n -t {TOPICS.trigger}" in error["detail"]
+
+
+def test_announcing_the_model_while_verdicts_are_acknowledged_never_deadlocks(mosquitto: Mosquitto,
+                                                                             tmp_path: Path) -> None:
+    """paho's network thread holds its message lock while the sink's PUBACK callback waits for the sink's lock; a
+    model announced under the sink's lock (paho then takes its message lock) deadlocked the two: a daemon hung at
+    its start, between a camera's connection and its first frame."""
+    sink = MqttSink(MqttConfig(port=mosquitto.port), CAMERA, tmp_path / "state")
+    sink.start()
+    assert sink.wait_connected(5)
+    announced, published = threading.Event(), threading.Event()
+
+    def announce() -> None:
+        for n in range(2000):
+            sink.publish_model({"model_id": f"m{n}"})
+        announced.set()
+
+    def verdicts() -> None:
+        for seq in range(1, 501):
+            sink.publish_verdict(sample_verdict(seq))
+        published.set()
+
+    for work in (announce, verdicts):
+        threading.Thread(target=work, daemon=True).start()
+    if not (announced.wait(60) and published.wait(10)):
+        # A deadlocked sink cannot be stopped (stop takes the same lock): its threads are left, as daemon threads.
+        pytest.fail("publish_model deadlocked with the PUBACK callback")
+    deadline = time.monotonic() + 30
+    while sink.delivery.delivered < 500 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sink.stop(flush_timeout=1)
+    assert sink.delivery.delivered == 500

@@ -198,11 +198,16 @@ class MqttSink:
     def publish_model(self, state: dict) -> None:
         """Publish ``state`` on the ``model`` topic, retained (QoS 1), and again at every connection: a broker
         restarted without persistence, or a PLC that subscribes later, still learns which model runs."""
+        model = json.dumps({"schema_version": SCHEMA_VERSION, "camera": self.camera, **state}, separators=(",", ":"),
+                           allow_nan=False)
         with self._cond:
-            self._model = json.dumps({"schema_version": SCHEMA_VERSION, "camera": self.camera, **state},
-                                     separators=(",", ":"), allow_nan=False)
-            if self._client is not None and self.delivery.connected:
-                self._client.publish(self.topics.model, self._model, qos=1, retain=True)
+            self._model = model
+            connected = self._client is not None and self.delivery.connected
+        # Published without the lock: paho's network thread holds its message lock while our PUBACK callback
+        # waits for ours, so publishing under ours (paho takes its message lock) can deadlock the two. A
+        # connection completing meanwhile announces the same message again, which retained messages allow.
+        if connected:
+            self._client.publish(self.topics.model, model, qos=1, retain=True)
 
     def publish_error(self, payload: dict, trigger: Trigger | None = None) -> None:
         """Publish a JSON error report on the error topic (QoS 1; best effort: not queued while disconnected).
