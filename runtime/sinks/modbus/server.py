@@ -82,6 +82,8 @@ class ModbusSink:
     def stop(self, flush_timeout: float, availability: str) -> None:
         """Apply what was handed over before, answer a trigger still owed with ``stopping``, and show
         ``availability`` in the camera state register."""
+        if not self.output.listening:  # never served (another output refused the line's start): nothing to show
+            return
         if not self.output.call_and_wait(self._stop, flush_timeout, availability):
             log.warning("Modbus: camera %s: the server's thread did not apply its last values within %.1f s",
                         self.camera, flush_timeout)

@@ -177,6 +177,8 @@ class SparkplugOutput:
 
     def stop_device(self, device: SparkplugSink, flush_timeout: float) -> None:
         """Wait until ``device``'s queue is out (or ``flush_timeout``), then have its DDEATH published."""
+        if not self._running():  # the node never started (another output refused the line's start)
+            return
         with self._changed:
             self._changed.wait_for(lambda: (self._born and device.born and not device.pending) or not self._running(),
                                    flush_timeout)
