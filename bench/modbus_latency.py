@@ -35,7 +35,7 @@ from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.sinks.modbus import registers as r
 from patchline.runtime.sinks.modbus.config import ModbusConfig
 from patchline.runtime.sinks.modbus.server import ModbusOutput
-from patchline.runtime.tools.bench import summarise, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, summarise, write_result
 from patchline.runtime.tools.broker import free_port
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
@@ -50,7 +50,7 @@ def poll(port: int, count: int) -> None:
     print("ready", flush=True)
     seen: dict[int, float] = {}
     polls: list[float] = []
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + CLIENT_TIMEOUT_S
     while count not in seen and time.monotonic() < deadline:
         t0 = time.monotonic()
         words = client.read_holding_registers(r.LATEST_RESULT, count=r.RESULT_REGISTERS, device_id=1).registers

@@ -37,7 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from patchline.runtime.config import MqttConfig
 from patchline.runtime.sinks.mqtt.sink import MqttSink
 from patchline.runtime.sinks.mqtt.topics import Topics
-from patchline.runtime.tools.bench import summarise, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, summarise, write_result
 from patchline.runtime.tools.broker import Mosquitto
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 from patchline.runtime.verdict import SeqCounter
@@ -64,7 +64,7 @@ def subscribe(port: int, topic: str, count: int) -> None:
     client.loop_start()
     ready.wait(10)
     print("ready", flush=True)
-    done.wait(120)
+    done.wait(CLIENT_TIMEOUT_S)
     client.disconnect()
     client.loop_stop()
     print(json.dumps(received), flush=True)

@@ -38,7 +38,7 @@ from patchline.runtime.config import LineConfig
 from patchline.runtime.sinks.opcua.certificates import self_signed
 from patchline.runtime.sinks.opcua.config import OpcUaConfig
 from patchline.runtime.sinks.opcua.server import OpcUaOutput
-from patchline.runtime.tools.bench import summarise, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, summarise, write_result
 from patchline.runtime.tools.broker import free_port
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
@@ -67,7 +67,7 @@ async def client_main(port: int, folder: Path, count: int, interval: float) -> N
         await subscription.subscribe_events(client.get_node(ua.NodeId(CAMERA, ns)),
                                             client.get_node(ua.NodeId("ResultReadyEventType", ns)))
         print("ready", flush=True)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
         while len(received) < count and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     print(json.dumps(received), flush=True)

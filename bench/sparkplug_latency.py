@@ -28,7 +28,7 @@ from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.sinks.sparkplug import sparkplug_b_pb2 as pb
 from patchline.runtime.sinks.sparkplug.config import SparkplugConfig
 from patchline.runtime.sinks.sparkplug.node import SparkplugOutput
-from patchline.runtime.tools.bench import summarise, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, summarise, write_result
 from patchline.runtime.tools.broker import Listener, Mosquitto
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
@@ -53,7 +53,7 @@ def host(port: int, count: int) -> None:
     """Host process: print ``ready`` once subscribed, then one JSON list of [seq, receipt time] when all arrived."""
     listener = Host(port, [TOPIC])
     print("ready", flush=True)
-    listener.wait(lambda messages: len(messages) >= count, timeout=120)
+    listener.wait(lambda messages: len(messages) >= count, timeout=CLIENT_TIMEOUT_S)
     listener.close()
     print(json.dumps(listener.received), flush=True)
 

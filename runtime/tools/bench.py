@@ -48,6 +48,9 @@ from patchline.runtime.search.distance import available_cores, cpu_model
 STAGES = ("decode", "preprocess", "backbone", "distance", "reweight", "map", "publish")
 SEARCHES = ("exact", "pruned", "projected", "plain", "approximate")
 COMPARE_TURN = 5  # frames each side runs in a row in the torch comparison
+# A latency benchmark's client process (bench/*_latency.py) gives up waiting for its messages after this long: long
+# enough for bench/protocols_e2e.py, whose verdicts come at the model's pace.
+CLIENT_TIMEOUT_S = 600.0
 
 
 @dataclass
