@@ -11,7 +11,7 @@ ARTIFACT ?= artifacts/model
 RUNTIME_EXTRA ?= cpu
 
 SPARKPLUG := runtime/sinks/sparkplug
-.PHONY: proto demo demo-artifact test test-py311 test-py310 export system-deps venv clean engine bench bench-line bench-gpu gpu-check install
+.PHONY: proto demo demo-artifact test test-py311 test-py310 export system-deps venv clean engine bench bench-line bench-protocols bench-gpu gpu-check install
 
 # Debian packages the runtime and tests use: a broker, GStreamer and its Python bindings.
 system-deps:
@@ -149,3 +149,11 @@ BENCH_LINE_ARGS ?=
 bench-line: venv
 	test -f $(DEMO)/line.avi || $(MAKE) demo
 	$(BIN)/python bench/line_throughput.py --demo $(DEMO) $(BENCH_LINE_ARGS)
+
+# Each protocol's output alone (verdict -> a client in another process), then all of them in one daemon with the demo
+# model and a live camera (docs/benchmarks.md "The line's protocols beside MQTT"); JSON under bench/results/.
+bench-protocols: venv
+	test -f $(DEMO)/artifact/manifest.json || $(MAKE) demo-artifact
+	for protocol in mqtt opcua sparkplug modbus; do $(BIN)/python bench/$${protocol}_latency.py || exit 1; done
+	$(BIN)/python bench/protocols_e2e.py --artifact $(DEMO)/artifact
+	$(BIN)/python bench/protocols_e2e.py --artifact $(DEMO)/artifact --trigger-every 1.5

@@ -42,9 +42,10 @@ from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def poll(port: int, count: int) -> None:
+def poll(port: int, count: int, period_s: float) -> None:
     """Poller process: print ``ready``, then one JSON object when seq ``count`` was seen: the first time each
-    seq was read, and every poll's duration."""
+    seq was read, and every poll's duration. A poll starts every ``period_s`` (0: each right after the last, as
+    fast as the server answers)."""
     client = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
     assert client.connect(), "poller could not connect"
     print("ready", flush=True)
@@ -52,6 +53,8 @@ def poll(port: int, count: int) -> None:
     polls: list[float] = []
     deadline = time.monotonic() + CLIENT_TIMEOUT_S
     while count not in seen and time.monotonic() < deadline:
+        if period_s and polls:
+            time.sleep(max(0.0, t0 + period_s - time.monotonic()))
         t0 = time.monotonic()
         words = client.read_holding_registers(r.LATEST_RESULT, count=r.RESULT_REGISTERS, device_id=1).registers
         t1 = time.monotonic()
@@ -71,10 +74,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=50.0, help="publishes per second")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--poll-period", type=float, default=0.0,
+                        help="ms from one poll's start to the next (a PLC's cycle); 0: as fast as the server answers")
     parser.add_argument("--poll", nargs=2, metavar=("PORT", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.poll:
-        poll(int(args.poll[0]), int(args.poll[1]))
+        poll(int(args.poll[0]), int(args.poll[1]), args.poll_period / 1000.0)
         return
 
     load_before = os.getloadavg()[0]  # other work on the machine shows up in the tail latencies
@@ -86,7 +91,8 @@ def main() -> None:
     sink = output.sink(CAMERA, lambda trigger: None, lambda name, payload: None, DiskWrites())
     output.start()
     sink.start()
-    poller = subprocess.Popen([sys.executable, __file__, "--poll", str(port), str(args.count)],
+    poller = subprocess.Popen([sys.executable, __file__, "--poll", str(port), str(args.count), "--poll-period",
+                               str(args.poll_period)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert poller.stdout.readline().strip() == "ready", "poller did not start"
