@@ -112,10 +112,12 @@ def test_one_daemon_speaks_every_protocol_and_each_sees_the_same_verdicts(tmp_pa
 def test_an_output_that_cannot_open_refuses_the_start_and_the_others_close(tmp_path, mosquitto, small_artifact):
     """The Modbus port is taken: the line does not start (exit 78, the reason named), and the outputs that had
     started (OPC UA, Sparkplug B) close without waiting on cameras that never ran."""
+    (tmp_path / "inbox").mkdir()
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         config = run_config(
-            tmp_path, small_artifact, mosquitto.port, {"kind": "gstreamer", "pipeline": LIVE}, threshold=1.0,
+            tmp_path, small_artifact, mosquitto.port, {"kind": "folder", "path": str(tmp_path / "inbox")},
+            threshold=1.0,
             opcua={"host": "127.0.0.1", "port": free_port(), "allow_insecure": True,
                    "security_policies": ["None"]},
             sparkplug={"group_id": GROUP, "edge_node_id": NODE}, modbus={"port": port})
