@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pymodbus
 from pymodbus.client import ModbusTcpClient
 
@@ -35,7 +34,7 @@ from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.sinks.modbus import registers as r
 from patchline.runtime.sinks.modbus.config import ModbusConfig
 from patchline.runtime.sinks.modbus.server import ModbusOutput
-from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, summarise, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, paced, write_result
 from patchline.runtime.tools.broker import free_port
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
@@ -62,11 +61,6 @@ def poll(port: int, count: int, period_s: float) -> None:
         seen.setdefault(r.decode_u32(words[r.R_SEQ:r.R_SEQ + 2]), t1)
     client.close()
     print(json.dumps({"seen": seen, "polls_s": polls}), flush=True)
-
-
-def percentiles(values_s: list[float]) -> dict[str, float]:
-    """Seconds → the latency summary in milliseconds, at this benchmark's percentiles."""
-    return summarise(np.asarray(values_s) * 1000.0, (50, 90, 99))
 
 
 def main() -> None:
@@ -97,17 +91,7 @@ def main() -> None:
     try:
         assert poller.stdout.readline().strip() == "ready", "poller did not start"
         time.sleep(0.5)  # the poller is polling before the first publish
-        sent: dict[int, float] = {}
-        calls: list[float] = []
-        interval = 1.0 / args.rate
-        start = time.monotonic()
-        for seq in range(1, args.count + 1):
-            while time.monotonic() < start + (seq - 1) * interval:
-                time.sleep(min(interval / 4, 0.001))
-            t0 = time.monotonic()
-            sink.publish_verdict(payloads[seq - 1])
-            calls.append(time.monotonic() - t0)
-            sent[seq] = t0
+        sent, calls = paced(args.count, args.rate, lambda seq: sink.publish_verdict(payloads[seq - 1]))
         out, _ = poller.communicate(timeout=300)
     finally:
         if poller.poll() is None:
@@ -115,7 +99,7 @@ def main() -> None:
         sink.stop(5.0, "stopped")
         output.close("stopped")
     report = json.loads(out.strip().splitlines()[-1])
-    seen = {int(seq): at for seq, at in report["seen"].items()}
+    seen = first_receipts(report["seen"].items())
     latency = [seen[s] - sent[s] for s in sent if s in seen]
     result = {
         "benchmark": "modbus latency, loopback: publish_verdict -> a polling client reads the new seq",
@@ -124,9 +108,9 @@ def main() -> None:
         "count": args.count,
         "rate_per_s": args.rate,
         # a seq the poller never read: a poll stalled past the next publish, which overwrote it (the PLC sees a gap)
-        "latency": {**percentiles(latency), "overwritten_before_read": args.count - len(latency)},
-        "publish_verdict_call": percentiles(calls),
-        "poll": percentiles(report["polls_s"]),
+        "latency": {**latency_ms(latency), "overwritten_before_read": args.count - len(latency)},
+        "publish_verdict_call": latency_ms(calls),
+        "poll": latency_ms(report["polls_s"]),
     }
     path = write_result("modbus-latency", result, args.out)
     print(json.dumps(result, indent=2))

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt import __version__ as paho_version
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -37,7 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from patchline.runtime.config import MqttConfig
 from patchline.runtime.sinks.mqtt.sink import MqttSink
 from patchline.runtime.sinks.mqtt.topics import Topics
-from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, summarise, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, paced, write_result
 from patchline.runtime.tools.broker import Mosquitto
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 from patchline.runtime.verdict import SeqCounter
@@ -70,36 +69,18 @@ def subscribe(port: int, topic: str, count: int) -> None:
     print(json.dumps(received), flush=True)
 
 
-def percentiles(values_s: list[float]) -> dict[str, float]:
-    """Seconds → the latency summary in milliseconds, at this benchmark's percentiles."""
-    return summarise(np.asarray(values_s) * 1000.0, (50, 90, 99))
-
-
 def measure(port: int, topic: str, count: int, rate: float, publish: Callable[[int], object]) -> tuple[dict, dict]:
     """Run one paced stream through ``publish(seq)``; latency and call-time statistics."""
     sub = subprocess.Popen([sys.executable, __file__, "--subscribe", str(port), topic, str(count)],
                            stdout=subprocess.PIPE, text=True)
     assert sub.stdout.readline().strip() == "ready", "subscriber did not start"
-    sent: dict[int, float] = {}
-    calls: list[float] = []
-    interval = 1.0 / rate
-    start = time.monotonic()
-    for seq in range(1, count + 1):
-        while time.monotonic() < start + (seq - 1) * interval:
-            time.sleep(min(interval / 4, 0.001))
-        t0 = time.monotonic()
-        publish(seq)
-        calls.append(time.monotonic() - t0)
-        sent[seq] = t0
+    sent, calls = paced(count, rate, publish)
     out, _ = sub.communicate(timeout=180)
-    received = json.loads(out.strip().splitlines()[-1])
-    first: dict[int, float] = {}
-    for seq, at in received:
-        first.setdefault(seq, at)
+    first = first_receipts(json.loads(out.strip().splitlines()[-1]))
     latency = [first[s] - sent[s] for s in sent if s in first]
-    result = percentiles(latency)
+    result = latency_ms(latency)
     result["lost"] = count - len(latency)
-    return result, percentiles(calls)
+    return result, latency_ms(calls)
 
 
 def main() -> None:
@@ -159,7 +140,7 @@ def main() -> None:
         "payload_bytes": len(json.dumps(payloads[0], separators=(",", ":"))),
         "sink": {"latency": sink_latency, "publish_verdict_call": sink_call},
         "paho": {"latency": paho_latency, "publish_call": paho_call},
-        "seq_counter_next": percentiles(seq_times),
+        "seq_counter_next": latency_ms(seq_times),
         "state_dir_filesystem": subprocess.run(["stat", "-f", "-c", "%T", tempfile.gettempdir()], capture_output=True,
                                                text=True).stdout.strip(),
     }

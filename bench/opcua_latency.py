@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from asyncua import Client, ua
 from asyncua import __version__ as asyncua_version
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
@@ -38,7 +37,7 @@ from patchline.runtime.config import LineConfig
 from patchline.runtime.sinks.opcua.certificates import self_signed
 from patchline.runtime.sinks.opcua.config import OpcUaConfig
 from patchline.runtime.sinks.opcua.server import OpcUaOutput
-from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, summarise, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, paced, write_result
 from patchline.runtime.tools.broker import free_port
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
@@ -73,11 +72,6 @@ async def client_main(port: int, folder: Path, count: int, interval: float) -> N
     print(json.dumps(received), flush=True)
 
 
-def percentiles(values_s: list[float]) -> dict[str, float]:
-    """Seconds → the latency summary in milliseconds, at this benchmark's percentiles."""
-    return summarise(np.asarray(values_s) * 1000.0, (50, 90, 99))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=1000)
@@ -109,24 +103,12 @@ def main() -> None:
                                        str(args.count), "--interval", str(args.interval)],
                                       stdout=subprocess.PIPE, text=True)
             assert client.stdout.readline().strip() == "ready", "client did not subscribe"
-            sent: dict[int, float] = {}
-            calls: list[float] = []
-            interval = 1.0 / args.rate
-            start = time.monotonic()
-            for seq in range(1, args.count + 1):
-                while time.monotonic() < start + (seq - 1) * interval:
-                    time.sleep(min(interval / 4, 0.001))
-                t0 = time.monotonic()
-                sink.publish_verdict(payloads[seq - 1])
-                calls.append(time.monotonic() - t0)
-                sent[seq] = t0
+            sent, calls = paced(args.count, args.rate, lambda seq: sink.publish_verdict(payloads[seq - 1]))
             out, _ = client.communicate(timeout=180)
         finally:
             sink.stop(5.0, "stopped")
             output.close("stopped")
-    first: dict[int, float] = {}
-    for seq, at in json.loads(out.strip().splitlines()[-1]):
-        first.setdefault(seq, at)
+    first = first_receipts(json.loads(out.strip().splitlines()[-1]))
     latency = [first[s] - sent[s] for s in sent if s in first]
     result = {
         "benchmark": "opcua ResultReady latency, loopback, Basic256Sha256 SignAndEncrypt, publish_verdict -> event",
@@ -135,8 +117,8 @@ def main() -> None:
         "count": args.count,
         "rate_per_s": args.rate,
         "publishing_interval_ms": args.interval,
-        "event": {**percentiles(latency), "lost": args.count - len(latency)},
-        "publish_verdict_call": percentiles(calls),
+        "event": {**latency_ms(latency), "lost": args.count - len(latency)},
+        "publish_verdict_call": latency_ms(calls),
     }
     path = write_result("opcua-latency", result, args.out)
     print(json.dumps(result, indent=2))

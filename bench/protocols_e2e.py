@@ -32,13 +32,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 import opcua_latency
 import sparkplug_latency
 from patchline.runtime.sinks.opcua.certificates import self_signed
-from patchline.runtime.tools.bench import summarise, write_result
+from patchline.runtime.tools.bench import first_receipts, latency_ms, write_result
 from patchline.runtime.tools.broker import Listener, Mosquitto, free_port
 from patchline.runtime.tools.sample_verdict import CAMERA
 from patchline.runtime.verdict import epoch_seconds
@@ -100,11 +99,7 @@ def receipts(process: subprocess.Popen, timeout: float) -> dict[int, float]:
     """The first receipt time (monotonic) of each seq a client reports."""
     out, _ = process.communicate(timeout=timeout)
     report = json.loads(out.strip().splitlines()[-1])
-    pairs = report["seen"].items() if isinstance(report, dict) else report
-    first: dict[int, float] = {}
-    for seq, at in pairs:
-        first.setdefault(int(seq), at)
-    return first
+    return first_receipts(report["seen"].items() if isinstance(report, dict) else report)
 
 
 def main() -> None:
@@ -199,13 +194,13 @@ def main() -> None:
         "protocols": ["mqtt", *args.protocols],
         "mode": f"trigger every {args.trigger_every:g} s" if args.trigger_every else "continuous",
         "modbus_poll_ms": args.modbus_poll_ms, "opcua_publishing_interval_ms": args.opcua_interval_ms,
-        "model_ms": summarise([(made[s] - captured[s]) * 1000.0 for s in made], (50, 90, 99)),
+        "model_ms": latency_ms([made[s] - captured[s] for s in made]),
     }
     for name, first_seen in seen.items():
         visible = {s: at + wall_minus_monotonic for s, at in first_seen.items() if s in made}
         result[name] = {
-            "added": summarise([(visible[s] - made[s]) * 1000.0 for s in visible], (50, 90, 99)),
-            "frame_to_visible": summarise([(visible[s] - captured[s]) * 1000.0 for s in visible], (50, 90, 99)),
+            "added": latency_ms([visible[s] - made[s] for s in visible]),
+            "frame_to_visible": latency_ms([visible[s] - captured[s] for s in visible]),
             "missed": sorted(set(made) - set(visible)),
         }
     print(json.dumps(result, indent=2))

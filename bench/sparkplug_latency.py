@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import paho.mqtt.client as paho
 
 from patchline.runtime.config import LineConfig
@@ -28,7 +27,7 @@ from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.sinks.sparkplug import sparkplug_b_pb2 as pb
 from patchline.runtime.sinks.sparkplug.config import SparkplugConfig
 from patchline.runtime.sinks.sparkplug.node import SparkplugOutput
-from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, summarise, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, paced, write_result
 from patchline.runtime.tools.broker import Listener, Mosquitto
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
@@ -90,33 +89,22 @@ def main() -> None:
             sub = subprocess.Popen([sys.executable, __file__, "--host", str(broker.port), str(args.count)],
                                    stdout=subprocess.PIPE, text=True)
             assert sub.stdout.readline().strip() == "ready", "host application did not start"
-            sent: dict[int, float] = {}
-            calls = []
-            start = time.monotonic()
-            for i, verdict in enumerate(verdicts):
-                while time.monotonic() < start + i / args.rate:
-                    time.sleep(min(0.25 / args.rate, 0.001))
-                t0 = time.monotonic()
-                sink.publish_verdict(verdict)
-                calls.append(time.monotonic() - t0)
-                sent[verdict["seq"]] = t0
+            sent, calls = paced(args.count, args.rate, lambda seq: sink.publish_verdict(verdicts[seq - 1]))
             out, _ = sub.communicate(timeout=180)
             sink.stop(5.0, "stopped")
             node.close("stopped")
         finally:
             broker.stop()
 
-    first: dict[int, float] = {}
-    for seq, at in json.loads(out.strip().splitlines()[-1]):
-        first.setdefault(seq, at)
-    latency = np.asarray([first[s] - sent[s] for s in sent if s in first]) * 1000.0
+    first = first_receipts(json.loads(out.strip().splitlines()[-1]))
+    latency = [first[s] - sent[s] for s in sent if s in first]
     result = {
         "benchmark": "sparkplug B DDATA latency, loopback, QoS 0, publish_verdict -> host application decoded it",
         "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "count": args.count,
         "rate_per_s": args.rate,
-        "latency": {**summarise(latency, (50, 90, 99)), "lost": args.count - len(latency)},
-        "publish_verdict_call": summarise(np.asarray(calls) * 1000.0, (50, 90, 99)),
+        "latency": {**latency_ms(latency), "lost": args.count - len(latency)},
+        "publish_verdict_call": latency_ms(calls),
     }
     path = write_result("sparkplug-latency", result, args.out)
     print(json.dumps(result, indent=2))

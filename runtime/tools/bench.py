@@ -30,6 +30,7 @@ import platform
 import resource
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -126,6 +127,36 @@ def summarise(values_ms: list[float] | np.ndarray, percentiles: tuple[int, ...] 
     stats.update({f"mean{unit}": round(float(values.mean()), digits), f"min{unit}": round(float(values.min()), digits),
                   f"max{unit}": round(float(values.max()), digits), "n": int(values.size)})
     return stats
+
+
+def latency_ms(values_s: list[float] | np.ndarray) -> dict[str, float]:
+    """Seconds → the protocol benchmarks' latency summary (bench/*_latency.py): milliseconds at p50, p90, p99."""
+    return summarise(np.asarray(values_s, np.float64) * 1000.0, (50, 90, 99))
+
+
+def paced(count: int, rate: float, publish: Callable[[int], object]) -> tuple[dict[int, float], list[float]]:
+    """``publish(seq)`` for seq 1..``count``, ``rate`` per second, so that a benchmark measures latency, not queueing:
+    when each call began (time.monotonic(), by seq) and how long each took (s)."""
+    sent: dict[int, float] = {}
+    calls: list[float] = []
+    interval = 1.0 / rate
+    start = time.monotonic()
+    for seq in range(1, count + 1):
+        while time.monotonic() < start + (seq - 1) * interval:
+            time.sleep(min(interval / 4, 0.001))
+        t0 = time.monotonic()
+        publish(seq)
+        calls.append(time.monotonic() - t0)
+        sent[seq] = t0
+    return sent, calls
+
+
+def first_receipts(pairs: Iterable[tuple[int | str, float]]) -> dict[int, float]:
+    """A client's (seq, receipt time) pairs → the first receipt of each seq (a redelivery repeats one)."""
+    first: dict[int, float] = {}
+    for seq, at in pairs:
+        first.setdefault(int(seq), at)
+    return first
 
 
 def machine_facts() -> dict[str, object]:
