@@ -58,7 +58,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from patchline.runtime.artifact import read_manifest
 from patchline.runtime.config import load_line_config
 from patchline.runtime.search.distance import available_cores
-from patchline.runtime.tools.bench import summarise, write_result
+from patchline.runtime.tools.bench import load_avg, summarise, write_result
 from patchline.runtime.tools.broker import Listener, Mosquitto, free_port
 from patchline.runtime.verdict import epoch_seconds
 
@@ -254,7 +254,7 @@ def run(setup: str, n: int, work: Path, plan: Plan, broker: Mosquitto, listener:
         "frames_per_batch": round(frames / batches, 3) if batches else None,
         "model_batches": batches, "model_frames": frames,
         "per_camera": per_camera,
-        "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "load_avg_1m": load_avg(load_before),
     }
 
 

@@ -34,7 +34,7 @@ from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.sinks.modbus import registers as r
 from patchline.runtime.sinks.modbus.config import ModbusConfig
 from patchline.runtime.sinks.modbus.server import ModbusOutput
-from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, paced, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, load_avg, paced, report
 from patchline.runtime.tools.broker import free_port
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
@@ -76,7 +76,7 @@ def main() -> None:
         poll(int(args.poll[0]), int(args.poll[1]), args.poll_period / 1000.0)
         return
 
-    load_before = os.getloadavg()[0]  # other work on the machine shows up in the tail latencies
+    load_before = os.getloadavg()[0]
     payloads = [sample_verdict(seq) for seq in range(1, args.count + 1)]
     line = LineConfig.model_validate({"line": "bench", "cameras": [
         {"camera": CAMERA, "artifact": "unused", "source": {"kind": "folder", "path": "unused"}}]})
@@ -98,23 +98,21 @@ def main() -> None:
             poller.kill()
         sink.stop(5.0, "stopped")
         output.close("stopped")
-    report = json.loads(out.strip().splitlines()[-1])
-    seen = first_receipts(report["seen"].items())
+    poller_report = json.loads(out.strip().splitlines()[-1])
+    seen = first_receipts(poller_report["seen"].items())
     latency = [seen[s] - sent[s] for s in sent if s in seen]
     result = {
         "benchmark": "modbus latency, loopback: publish_verdict -> a polling client reads the new seq",
-        "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "load_avg_1m": load_avg(load_before),
         "pymodbus": pymodbus.__version__,
         "count": args.count,
         "rate_per_s": args.rate,
         # a seq the poller never read: a poll stalled past the next publish, which overwrote it (the PLC sees a gap)
         "latency": {**latency_ms(latency), "overwritten_before_read": args.count - len(latency)},
         "publish_verdict_call": latency_ms(calls),
-        "poll": latency_ms(report["polls_s"]),
+        "poll": latency_ms(poller_report["polls_s"]),
     }
-    path = write_result("modbus-latency", result, args.out)
-    print(json.dumps(result, indent=2))
-    print(f"written to {path}")
+    report("modbus-latency", result, args.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from patchline.runtime.config import MqttConfig
 from patchline.runtime.sinks.mqtt.sink import MqttSink
 from patchline.runtime.sinks.mqtt.topics import Topics
-from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, paced, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, load_avg, paced, report
 from patchline.runtime.tools.broker import Mosquitto
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 from patchline.runtime.verdict import SeqCounter
@@ -95,7 +95,7 @@ def main() -> None:
         subscribe(int(port), topic, int(count))
         return
 
-    load_before = os.getloadavg()[0]  # other work on the machine shows up in the tail latencies
+    load_before = os.getloadavg()[0]
     payloads = [sample_verdict(seq) for seq in range(1, args.count + 1)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -132,7 +132,7 @@ def main() -> None:
     version = subprocess.run([broker.binary, "-h"], capture_output=True, text=True).stdout.splitlines()[0]
     result = {
         "benchmark": "mqtt publish latency, loopback, QoS 1, publish -> subscriber receipt",
-        "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "load_avg_1m": load_avg(load_before),
         "paho_mqtt": paho_version,
         "broker": version,
         "count": args.count,
@@ -144,9 +144,7 @@ def main() -> None:
         "state_dir_filesystem": subprocess.run(["stat", "-f", "-c", "%T", tempfile.gettempdir()], capture_output=True,
                                                text=True).stdout.strip(),
     }
-    path = write_result("mqtt-latency", result, args.out)
-    print(json.dumps(result, indent=2))
-    print(f"written to {path}")
+    report("mqtt-latency", result, args.out)
 
 
 if __name__ == "__main__":

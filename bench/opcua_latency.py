@@ -37,7 +37,7 @@ from patchline.runtime.config import LineConfig
 from patchline.runtime.sinks.opcua.certificates import self_signed
 from patchline.runtime.sinks.opcua.config import OpcUaConfig
 from patchline.runtime.sinks.opcua.server import OpcUaOutput
-from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, paced, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, load_avg, paced, report
 from patchline.runtime.tools.broker import free_port
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
@@ -84,7 +84,7 @@ def main() -> None:
         asyncio.run(client_main(int(args.client[0]), Path(args.client[1]), args.count, args.interval))
         return
 
-    load_before = os.getloadavg()[0]  # other work on the machine shows up in the tail latencies
+    load_before = os.getloadavg()[0]
     payloads = [sample_verdict(seq) for seq in range(1, args.count + 1)]
     os.environ[CREDENTIAL] = "bench-password"
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +112,7 @@ def main() -> None:
     latency = [first[s] - sent[s] for s in sent if s in first]
     result = {
         "benchmark": "opcua ResultReady latency, loopback, Basic256Sha256 SignAndEncrypt, publish_verdict -> event",
-        "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "load_avg_1m": load_avg(load_before),
         "asyncua": asyncua_version,
         "count": args.count,
         "rate_per_s": args.rate,
@@ -120,9 +120,7 @@ def main() -> None:
         "event": {**latency_ms(latency), "lost": args.count - len(latency)},
         "publish_verdict_call": latency_ms(calls),
     }
-    path = write_result("opcua-latency", result, args.out)
-    print(json.dumps(result, indent=2))
-    print(f"written to {path}")
+    report("opcua-latency", result, args.out)
 
 
 if __name__ == "__main__":

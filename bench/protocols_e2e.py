@@ -37,7 +37,7 @@ import yaml
 import opcua_latency
 import sparkplug_latency
 from patchline.runtime.sinks.opcua.certificates import self_signed
-from patchline.runtime.tools.bench import first_receipts, latency_ms, write_result
+from patchline.runtime.tools.bench import first_receipts, latency_ms, load_avg, report
 from patchline.runtime.tools.broker import Listener, Mosquitto, free_port
 from patchline.runtime.tools.sample_verdict import CAMERA
 from patchline.runtime.verdict import epoch_seconds
@@ -98,8 +98,8 @@ def client(script: str, *args: str) -> subprocess.Popen:
 def receipts(process: subprocess.Popen, timeout: float) -> dict[int, float]:
     """The first receipt time (monotonic) of each seq a client reports."""
     out, _ = process.communicate(timeout=timeout)
-    report = json.loads(out.strip().splitlines()[-1])
-    return first_receipts(report["seen"].items() if isinstance(report, dict) else report)
+    received = json.loads(out.strip().splitlines()[-1])
+    return first_receipts(received["seen"].items() if isinstance(received, dict) else received)
 
 
 def main() -> None:
@@ -189,7 +189,7 @@ def main() -> None:
     result = {
         "benchmark": "protocols in one daemon, live camera: verdict made / frame ready -> value visible to each "
                      "protocol's client (separate processes, loopback)",
-        "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "load_avg_1m": load_avg(load_before),
         "artifact": str(args.artifact), "threads": args.threads, "verdicts": len(made),
         "protocols": ["mqtt", *args.protocols],
         "mode": f"trigger every {args.trigger_every:g} s" if args.trigger_every else "continuous",
@@ -203,8 +203,7 @@ def main() -> None:
             "frame_to_visible": latency_ms([visible[s] - captured[s] for s in visible]),
             "missed": sorted(set(made) - set(visible)),
         }
-    print(json.dumps(result, indent=2))
-    print("written to", write_result("protocols-e2e", result, args.out))
+    report("protocols-e2e", result, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from patchline.runtime.disk_writes import DiskWrites
 from patchline.runtime.sinks.sparkplug import sparkplug_b_pb2 as pb
 from patchline.runtime.sinks.sparkplug.config import SparkplugConfig
 from patchline.runtime.sinks.sparkplug.node import SparkplugOutput
-from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, paced, write_result
+from patchline.runtime.tools.bench import CLIENT_TIMEOUT_S, first_receipts, latency_ms, load_avg, paced, report
 from patchline.runtime.tools.broker import Listener, Mosquitto
 from patchline.runtime.tools.sample_verdict import CAMERA, sample_verdict
 
@@ -100,15 +100,13 @@ def main() -> None:
     latency = [first[s] - sent[s] for s in sent if s in first]
     result = {
         "benchmark": "sparkplug B DDATA latency, loopback, QoS 0, publish_verdict -> host application decoded it",
-        "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "load_avg_1m": load_avg(load_before),
         "count": args.count,
         "rate_per_s": args.rate,
         "latency": {**latency_ms(latency), "lost": args.count - len(latency)},
         "publish_verdict_call": latency_ms(calls),
     }
-    path = write_result("sparkplug-latency", result, args.out)
-    print(json.dumps(result, indent=2))
-    print(f"written to {path}")
+    report("sparkplug-latency", result, args.out)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def open_outputs(line: LineConfig) -> list[Output]:
     """An output for each entry of ``OUTPUTS`` whose section the line's config sets (``mqtt``: always).
 
     Raises ConfigError when the output's library is not installed."""
+    # Imported here: runtime/config.py imports the outputs' config classes, and so this package, first.
     from patchline.runtime.config import ConfigError
 
     outputs = []

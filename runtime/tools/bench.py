@@ -159,6 +159,12 @@ def first_receipts(pairs: Iterable[tuple[int | str, float]]) -> dict[int, float]
     return first
 
 
+def load_avg(before: float) -> dict[str, float]:
+    """The 1-minute load average at a benchmark's start (``before``, from os.getloadavg()) and now: other work on
+    the machine shows up in the tail latencies."""
+    return {"before": round(before, 2), "after": round(os.getloadavg()[0], 2)}
+
+
 def machine_facts() -> dict[str, object]:
     """The machine a benchmark ran on: host, CPU model, the cores this process may use, Python and numpy."""
     return {"host": socket.gethostname(), "cpu_model": cpu_model(), "cores": available_cores(),
@@ -175,6 +181,14 @@ def write_result(name: str, data: dict, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{socket.gethostname()}-{now:%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def report(name: str, result: dict, out_dir: str | Path) -> Path:
+    """``write_result``, and the result and where it went on standard output."""
+    path = write_result(name, result, out_dir)
+    print(json.dumps(result, indent=2))
+    print(f"written to {path}")
     return path
 
 
